@@ -1,0 +1,321 @@
+//! The database: SQLite for the embedded default, Postgres in production.
+//!
+//! Both speak the same schema (see `migrations/`). Queries are written once in Postgres
+//! placeholder style (`$1`); SQLite reads them as numbered `?1` parameters.
+
+use std::str::FromStr;
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{PgPool, Row, SqlitePool};
+
+use crate::ledger::LedgerRow;
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+#[derive(Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// An API key as stored: never the secret, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub tenant: String,
+    pub name: Option<String>,
+    pub secret_hash: String,
+    /// The first characters of the secret, enough to recognise it, never to use it.
+    pub prefix: String,
+    pub created_ms: i64,
+    pub revoked_ms: Option<i64>,
+    pub updated_ms: i64,
+}
+
+/// Totals over a slice of the ledger.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    pub model: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub cached_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_micros: i64,
+}
+
+/// Executes one statement on whichever pool is configured; `$sql` is written for Postgres.
+macro_rules! execute {
+    ($store:expr, $sql:expr $(, $bind:expr)*) => {
+        match &$store.pool {
+            Pool::Sqlite(pool) => sqlx::query(&sqlite_sql($sql))$(.bind($bind))*.execute(pool).await.map(|r| r.rows_affected()),
+            Pool::Postgres(pool) => sqlx::query($sql)$(.bind($bind))*.execute(pool).await.map(|r| r.rows_affected()),
+        }
+    };
+}
+
+fn sqlite_sql(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+const LEDGER_INSERT: &str = "INSERT INTO ledger (request_id, created_ms, tenant, key_id, endpoint, model, \
+    backend, upstream_model, stream, status, outcome, attempts, prompt_tokens, cached_tokens, \
+    completion_tokens, counted_prompt_tokens, counted_completion_tokens, provider_prompt_tokens, \
+    provider_cached_tokens, provider_completion_tokens, usage_source, cost_micros, latency_ms, ttft_ms) ";
+const LEDGER_CONFLICT: &str = " ON CONFLICT (request_id) DO NOTHING";
+
+macro_rules! push_ledger_values {
+    ($b:ident, $r:ident) => {
+        $b.push_bind($r.request_id.clone())
+            .push_bind($r.created_ms)
+            .push_bind($r.tenant.clone())
+            .push_bind($r.key_id.clone())
+            .push_bind($r.endpoint.clone())
+            .push_bind($r.model.clone())
+            .push_bind($r.backend.clone())
+            .push_bind($r.upstream_model.clone())
+            .push_bind($r.stream)
+            .push_bind($r.status)
+            .push_bind($r.outcome.clone())
+            .push_bind($r.attempts)
+            .push_bind($r.prompt_tokens)
+            .push_bind($r.cached_tokens)
+            .push_bind($r.completion_tokens)
+            .push_bind($r.counted_prompt_tokens)
+            .push_bind($r.counted_completion_tokens)
+            .push_bind($r.provider_prompt_tokens)
+            .push_bind($r.provider_cached_tokens)
+            .push_bind($r.provider_completion_tokens)
+            .push_bind($r.usage_source.clone())
+            .push_bind($r.cost_micros)
+            .push_bind($r.latency_ms)
+            .push_bind($r.ttft_ms);
+    };
+}
+
+macro_rules! ledger_from_row {
+    ($row:expr) => {
+        Ok::<_, sqlx::Error>(LedgerRow {
+            request_id: $row.try_get("request_id")?,
+            created_ms: $row.try_get("created_ms")?,
+            tenant: $row.try_get("tenant")?,
+            key_id: $row.try_get("key_id")?,
+            endpoint: $row.try_get("endpoint")?,
+            model: $row.try_get("model")?,
+            backend: $row.try_get("backend")?,
+            upstream_model: $row.try_get("upstream_model")?,
+            stream: $row.try_get("stream")?,
+            status: $row.try_get("status")?,
+            outcome: $row.try_get("outcome")?,
+            attempts: $row.try_get("attempts")?,
+            prompt_tokens: $row.try_get("prompt_tokens")?,
+            cached_tokens: $row.try_get("cached_tokens")?,
+            completion_tokens: $row.try_get("completion_tokens")?,
+            counted_prompt_tokens: $row.try_get("counted_prompt_tokens")?,
+            counted_completion_tokens: $row.try_get("counted_completion_tokens")?,
+            provider_prompt_tokens: $row.try_get("provider_prompt_tokens")?,
+            provider_cached_tokens: $row.try_get("provider_cached_tokens")?,
+            provider_completion_tokens: $row.try_get("provider_completion_tokens")?,
+            usage_source: $row.try_get("usage_source")?,
+            cost_micros: $row.try_get("cost_micros")?,
+            latency_ms: $row.try_get("latency_ms")?,
+            ttft_ms: $row.try_get("ttft_ms")?,
+        })
+    };
+}
+
+macro_rules! key_from_row {
+    ($name:ident, $row:ty) => {
+        fn $name(row: &$row) -> Result<KeyRecord, sqlx::Error> {
+            Ok(KeyRecord {
+                id: row.try_get("id")?,
+                tenant: row.try_get("tenant")?,
+                name: row.try_get("name")?,
+                secret_hash: row.try_get("secret_hash")?,
+                prefix: row.try_get("prefix")?,
+                created_ms: row.try_get("created_ms")?,
+                revoked_ms: row.try_get("revoked_ms")?,
+                updated_ms: row.try_get("updated_ms")?,
+            })
+        }
+    };
+}
+key_from_row!(key_from_sqlite, sqlx::sqlite::SqliteRow);
+key_from_row!(key_from_pg, sqlx::postgres::PgRow);
+
+impl Store {
+    /// Connects (creating a SQLite file when missing) and applies pending migrations.
+    pub async fn open(url: &str) -> anyhow::Result<Store> {
+        let pool = if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .with_context(|| "invalid sqlite database_url")?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(std::time::Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options)
+                .await
+                .context("opening the SQLite database")?;
+            sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
+            Pool::Sqlite(pool)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let options =
+                PgConnectOptions::from_str(url).with_context(|| "invalid postgres database_url")?;
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect_with(options)
+                .await
+                .context("connecting to Postgres")?;
+            sqlx::migrate!("../migrations/postgres").run(&pool).await?;
+            Pool::Postgres(pool)
+        } else {
+            anyhow::bail!("database_url must start with sqlite: or postgres:");
+        };
+        Ok(Store { pool })
+    }
+
+    pub async fn close(&self) {
+        match &self.pool {
+            Pool::Sqlite(pool) => pool.close().await,
+            Pool::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    pub async fn insert_key(&self, key: &KeyRecord) -> anyhow::Result<()> {
+        let sql = "INSERT INTO api_keys (id, tenant, name, secret_hash, prefix, created_ms, revoked_ms, updated_ms) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+        execute!(
+            self, sql, &key.id, &key.tenant, &key.name, &key.secret_hash, &key.prefix,
+            key.created_ms, key.revoked_ms, key.updated_ms
+        )?;
+        Ok(())
+    }
+
+    /// Marks a key revoked; returns false when no active key has that id.
+    pub async fn revoke_key(&self, id: &str) -> anyhow::Result<bool> {
+        let now = now_ms();
+        let sql = "UPDATE api_keys SET revoked_ms = $1, updated_ms = $1 WHERE id = $2 AND revoked_ms IS NULL";
+        let affected = execute!(self, sql, now, id)?;
+        Ok(affected > 0)
+    }
+
+    /// Keys created or changed at or after `since_ms` (all keys for 0), oldest change first.
+    pub async fn keys_changed_since(&self, since_ms: i64) -> anyhow::Result<Vec<KeyRecord>> {
+        let sql = "SELECT id, tenant, name, secret_hash, prefix, created_ms, revoked_ms, updated_ms \
+                   FROM api_keys WHERE updated_ms >= $1 ORDER BY updated_ms, id";
+        let keys = match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query(&sqlite_sql(sql))
+                .bind(since_ms)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(key_from_sqlite)
+                .collect::<Result<_, _>>()?,
+            Pool::Postgres(pool) => sqlx::query(sql)
+                .bind(since_ms)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(key_from_pg)
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(keys)
+    }
+
+    /// Writes rows in one transaction; rows whose request id is already present are skipped.
+    pub async fn insert_ledger_rows(&self, rows: &[LedgerRow]) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        match &self.pool {
+            Pool::Sqlite(pool) => {
+                let mut builder = sqlx::QueryBuilder::<sqlx::Sqlite>::new(LEDGER_INSERT);
+                builder.push_values(rows, |mut b, r| {
+                    push_ledger_values!(b, r);
+                });
+                builder.push(LEDGER_CONFLICT);
+                builder.build().execute(pool).await?;
+            }
+            Pool::Postgres(pool) => {
+                let mut builder = sqlx::QueryBuilder::<sqlx::Postgres>::new(LEDGER_INSERT);
+                builder.push_values(rows, |mut b, r| {
+                    push_ledger_values!(b, r);
+                });
+                builder.push(LEDGER_CONFLICT);
+                builder.build().execute(pool).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Totals per model for a tenant since a time (epoch ms).
+    pub async fn usage_by_model(&self, tenant: &str, since_ms: i64) -> anyhow::Result<Vec<UsageTotals>> {
+        let sql = "SELECT model, COUNT(*) AS requests, \
+                   CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt, \
+                   CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached, \
+                   CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion, \
+                   CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost \
+                   FROM ledger WHERE tenant = $1 AND created_ms >= $2 GROUP BY model ORDER BY model";
+        macro_rules! totals {
+            ($rows:expr) => {
+                $rows
+                    .iter()
+                    .map(|row| -> Result<UsageTotals, sqlx::Error> {
+                        Ok(UsageTotals {
+                            model: row.try_get("model")?,
+                            requests: row.try_get("requests")?,
+                            prompt_tokens: row.try_get("prompt")?,
+                            cached_tokens: row.try_get("cached")?,
+                            completion_tokens: row.try_get("completion")?,
+                            cost_micros: row.try_get("cost")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+        }
+        let totals = match &self.pool {
+            Pool::Sqlite(pool) => {
+                let rows = sqlx::query(&sqlite_sql(sql)).bind(tenant).bind(since_ms).fetch_all(pool).await?;
+                totals!(rows)
+            }
+            Pool::Postgres(pool) => {
+                let rows = sqlx::query(sql).bind(tenant).bind(since_ms).fetch_all(pool).await?;
+                totals!(rows)
+            }
+        };
+        Ok(totals)
+    }
+
+    /// Every ledger row of a tenant, oldest first (for tests and exports).
+    pub async fn ledger_rows(&self, tenant: &str) -> anyhow::Result<Vec<LedgerRow>> {
+        let sql = "SELECT * FROM ledger WHERE tenant = $1 ORDER BY created_ms, request_id";
+        let rows = match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query(&sqlite_sql(sql))
+                .bind(tenant)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| ledger_from_row!(row))
+                .collect::<Result<_, sqlx::Error>>()?,
+            Pool::Postgres(pool) => sqlx::query(sql)
+                .bind(tenant)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| ledger_from_row!(row))
+                .collect::<Result<_, sqlx::Error>>()?,
+        };
+        Ok(rows)
+    }
+}
+
