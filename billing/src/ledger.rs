@@ -99,7 +99,14 @@ impl LedgerSender {
 /// Starts the writer on the current Tokio runtime.
 pub fn spawn_writer(store: Store, options: WriterOptions) -> LedgerSender {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(Writer { store, options, pending: Vec::new() }.run(rx));
+    tokio::spawn(
+        Writer {
+            store,
+            options,
+            pending: Vec::new(),
+        }
+        .run(rx),
+    );
     LedgerSender { tx }
 }
 
@@ -111,7 +118,11 @@ pub async fn replay_spool(store: &Store, path: &std::path::Path) -> anyhow::Resu
         Err(e) => return Err(e.into()),
     };
     let mut rows = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         match serde_json::from_str::<LedgerRow>(line) {
             Ok(row) => rows.push(row),
             Err(e) => tracing::error!("ledger spool line {} unreadable: {e}", n + 1),
@@ -192,7 +203,10 @@ impl Writer {
                     self.pending.drain(..n);
                 }
                 Err(e) => {
-                    tracing::warn!(pending = self.pending.len(), "ledger write failed, will retry: {e:#}");
+                    tracing::warn!(
+                        pending = self.pending.len(),
+                        "ledger write failed, will retry: {e:#}"
+                    );
                     return Err(());
                 }
             }
@@ -217,7 +231,10 @@ impl Writer {
         use std::io::Write;
         let path = &self.options.spool_path;
         let result = (|| -> std::io::Result<()> {
-            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
             for row in &self.pending {
                 let line = serde_json::to_string(row).map_err(std::io::Error::other)?;
                 writeln!(file, "{line}")?;
@@ -229,7 +246,10 @@ impl Writer {
                 tracing::warn!(rows = self.pending.len(), path = %path.display(), "database unreachable; ledger rows spooled");
                 self.pending.clear();
             }
-            Err(e) => tracing::error!(rows = self.pending.len(), "could not spool ledger rows: {e}"),
+            Err(e) => tracing::error!(
+                rows = self.pending.len(),
+                "could not spool ledger rows: {e}"
+            ),
         }
     }
 }

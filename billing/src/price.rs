@@ -59,19 +59,54 @@ mod tests {
 
     #[test]
     fn costs_are_exact_and_rounded_once() {
-        let price = Price { input: 2_500_000, cached_input: 1_250_000, output: 10_000_000 };
+        let price = Price {
+            input: 2_500_000,
+            cached_input: 1_250_000,
+            output: 10_000_000,
+        };
         // 1M input tokens at $2.50 = 2.5M micro-dollars.
-        let usage = Usage { prompt: 1_000_000, cached: 0, completion: 0 };
+        let usage = Usage {
+            prompt: 1_000_000,
+            cached: 0,
+            completion: 0,
+        };
         assert_eq!(price.cost_micros(usage), 2_500_000);
         // 1000 prompt (400 cached) + 500 completion:
         // 600*2.5 + 400*1.25 + 500*10 = 1500 + 500 + 5000 = 7000 micro-dollars.
-        let usage = Usage { prompt: 1000, cached: 400, completion: 500 };
+        let usage = Usage {
+            prompt: 1000,
+            cached: 400,
+            completion: 500,
+        };
         assert_eq!(price.cost_micros(usage), 7000);
         // 1 token at $0.15/1M = 0.15 micro-dollars, rounds to 0; 4 tokens = 0.6 -> 1.
-        let cheap = Price { input: 150_000, cached_input: 75_000, output: 600_000 };
-        assert_eq!(cheap.cost_micros(Usage { prompt: 1, ..Default::default() }), 0);
-        assert_eq!(cheap.cost_micros(Usage { prompt: 4, ..Default::default() }), 1);
+        let cheap = Price {
+            input: 150_000,
+            cached_input: 75_000,
+            output: 600_000,
+        };
+        assert_eq!(
+            cheap.cost_micros(Usage {
+                prompt: 1,
+                ..Default::default()
+            }),
+            0
+        );
+        assert_eq!(
+            cheap.cost_micros(Usage {
+                prompt: 4,
+                ..Default::default()
+            }),
+            1
+        );
         // cached can never exceed prompt.
-        assert_eq!(cheap.cost_micros(Usage { prompt: 10, cached: 50, completion: 0 }), 1);
+        assert_eq!(
+            cheap.cost_micros(Usage {
+                prompt: 10,
+                cached: 50,
+                completion: 0
+            }),
+            1
+        );
     }
 }

@@ -195,8 +195,16 @@ impl Store {
         let sql = "INSERT INTO api_keys (id, tenant, name, secret_hash, prefix, created_ms, revoked_ms, updated_ms) \
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
         execute!(
-            self, sql, &key.id, &key.tenant, &key.name, &key.secret_hash, &key.prefix,
-            key.created_ms, key.revoked_ms, key.updated_ms
+            self,
+            sql,
+            &key.id,
+            &key.tenant,
+            &key.name,
+            &key.secret_hash,
+            &key.prefix,
+            key.created_ms,
+            key.revoked_ms,
+            key.updated_ms
         )?;
         Ok(())
     }
@@ -211,7 +219,8 @@ impl Store {
 
     /// Keys created or changed at or after `since_ms` (all keys for 0), oldest change first.
     pub async fn keys_changed_since(&self, since_ms: i64) -> anyhow::Result<Vec<KeyRecord>> {
-        let sql = "SELECT id, tenant, name, secret_hash, prefix, created_ms, revoked_ms, updated_ms \
+        let sql =
+            "SELECT id, tenant, name, secret_hash, prefix, created_ms, revoked_ms, updated_ms \
                    FROM api_keys WHERE updated_ms >= $1 ORDER BY updated_ms, id";
         let keys = match &self.pool {
             Pool::Sqlite(pool) => sqlx::query(&sqlite_sql(sql))
@@ -259,7 +268,11 @@ impl Store {
     }
 
     /// Totals per model for a tenant since a time (epoch ms).
-    pub async fn usage_by_model(&self, tenant: &str, since_ms: i64) -> anyhow::Result<Vec<UsageTotals>> {
+    pub async fn usage_by_model(
+        &self,
+        tenant: &str,
+        since_ms: i64,
+    ) -> anyhow::Result<Vec<UsageTotals>> {
         let sql = "SELECT model, COUNT(*) AS requests, \
                    CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt, \
                    CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached, \
@@ -285,11 +298,19 @@ impl Store {
         }
         let totals = match &self.pool {
             Pool::Sqlite(pool) => {
-                let rows = sqlx::query(&sqlite_sql(sql)).bind(tenant).bind(since_ms).fetch_all(pool).await?;
+                let rows = sqlx::query(&sqlite_sql(sql))
+                    .bind(tenant)
+                    .bind(since_ms)
+                    .fetch_all(pool)
+                    .await?;
                 totals!(rows)
             }
             Pool::Postgres(pool) => {
-                let rows = sqlx::query(sql).bind(tenant).bind(since_ms).fetch_all(pool).await?;
+                let rows = sqlx::query(sql)
+                    .bind(tenant)
+                    .bind(since_ms)
+                    .fetch_all(pool)
+                    .await?;
                 totals!(rows)
             }
         };
@@ -318,4 +339,3 @@ impl Store {
         Ok(rows)
     }
 }
-

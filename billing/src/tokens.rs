@@ -188,7 +188,11 @@ mod tests {
                     },
                 ];
                 let expected = tiktoken_rs::num_tokens_from_messages(model, &oracle).unwrap();
-                assert_eq!(tokenizer.count_chat(&messages, None), expected, "{model}: {text:?}");
+                assert_eq!(
+                    tokenizer.count_chat(&messages, None),
+                    expected,
+                    "{model}: {text:?}"
+                );
             }
         }
     }
@@ -200,7 +204,10 @@ mod tests {
         let as_parts = t.count_chat(&[json!({"role": "user", "content": parts})], None);
         let as_string = t.count_chat(&[json!({"role": "user", "content": "hello"})], None);
         assert_eq!(as_parts, as_string);
-        assert_eq!(t.count_input(&json!(["hello", "hello"])), 2 * t.count("hello"));
+        assert_eq!(
+            t.count_input(&json!(["hello", "hello"])),
+            2 * t.count("hello")
+        );
         assert_eq!(t.count_input(&json!([[1, 2, 3], [4]])), 4);
         assert_eq!(t.count_input(&json!(null)), 0);
     }

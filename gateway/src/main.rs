@@ -1,1 +1,18 @@
-fn main() {}
+//! `tollgate`: the gateway binary and its command line.
+
+mod cli;
+mod config;
+mod keys;
+mod proxy;
+mod serve;
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    cli::run()
+}

@@ -1,0 +1,174 @@
+//! The policy file as written by users: serde types, one per YAML section.
+//! Unknown keys are errors everywhere (`deny_unknown_fields`), so a typo never passes silently.
+
+use serde::Deserialize;
+use tollgate_billing::tokens::Tokenizer;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Data-plane listen addresses.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    /// `sqlite://FILE` (embedded default) or `postgres://...`.
+    #[serde(default = "default_database_url")]
+    pub database_url: String,
+    /// Shared counters for budgets and rate limits across replicas (used by budgets).
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// Largest request body accepted and proxied intact, in bytes.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// How often the key cache picks up keys created or revoked elsewhere.
+    #[serde(default = "default_key_refresh_ms")]
+    pub key_refresh_ms: u64,
+    /// Worker threads for the data plane (default: one per core).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    #[serde(default)]
+    pub ledger: LedgerSection,
+    #[serde(default)]
+    pub shutdown: ShutdownSection,
+    #[serde(default)]
+    pub backends: Vec<BackendSection>,
+    #[serde(default)]
+    pub models: Vec<ModelSection>,
+    #[serde(default)]
+    pub tenants: Vec<TenantSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSection {
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Rows that cannot reach the database at shutdown are appended here and replayed on start.
+    #[serde(default = "default_spool_path")]
+    pub spool_path: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSection {
+    /// After SIGTERM/SIGINT: seconds to keep serving in-flight requests.
+    #[serde(default = "default_grace_secs")]
+    pub grace_period_secs: u64,
+    /// Then: seconds the runtimes get to stop.
+    #[serde(default = "default_shutdown_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    pub name: String,
+    /// OpenAI-compatible base URL, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Name of the environment variable that holds the provider key (none for open backends).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the response header and between two body reads.
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Public name clients send as `model`.
+    pub name: String,
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: Tokenizer,
+    /// USD per 1M tokens.
+    #[serde(default)]
+    pub price: Option<PriceSection>,
+    /// Tried in order: the first is primary, the rest are fallbacks.
+    pub targets: Vec<TargetSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceSection {
+    pub input: f64,
+    /// Defaults to `input` when the provider has no prompt-cache discount.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    pub output: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSection {
+    pub backend: String,
+    /// Model name sent upstream.
+    pub model: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSection {
+    pub name: String,
+    /// Models this tenant may use; all models when absent.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        LedgerSection {
+            flush_interval_ms: default_flush_interval_ms(),
+            max_batch: default_max_batch(),
+            spool_path: default_spool_path(),
+        }
+    }
+}
+
+impl Default for ShutdownSection {
+    fn default() -> Self {
+        ShutdownSection {
+            grace_period_secs: default_grace_secs(),
+            timeout_secs: default_shutdown_timeout_secs(),
+        }
+    }
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["127.0.0.1:8080".into()]
+}
+fn default_database_url() -> String {
+    "sqlite://tollgate.db".into()
+}
+fn default_max_body_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_key_refresh_ms() -> u64 {
+    1000
+}
+fn default_flush_interval_ms() -> u64 {
+    200
+}
+fn default_max_batch() -> usize {
+    500
+}
+fn default_spool_path() -> String {
+    "tollgate-ledger-spool.jsonl".into()
+}
+fn default_grace_secs() -> u64 {
+    5
+}
+fn default_shutdown_timeout_secs() -> u64 {
+    5
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_read_timeout_ms() -> u64 {
+    120_000
+}
+fn default_tokenizer() -> Tokenizer {
+    Tokenizer::O200kBase
+}

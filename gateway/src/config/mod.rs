@@ -1,0 +1,509 @@
+//! The policy: loaded from a YAML file, checked completely, and turned into the runtime form the
+//! proxy reads ([`Policy`]). Every problem is reported with its line and column, all at once.
+
+mod file;
+mod positions;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tollgate_billing::price::Price;
+use tollgate_billing::tokens::Tokenizer;
+
+pub use file::PolicyFile;
+use file::{BackendSection, ModelSection, PriceSection, TenantSection};
+use positions::PositionIndex;
+
+/// One problem in a policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub line: Option<usize>,
+    pub col: Option<usize>,
+    /// Dotted path of the offending value, e.g. `models[1].targets[0].backend`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let (Some(line), Some(col)) = (self.line, self.col) {
+            write!(f, "{line}:{col}: ")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// All problems found in one file.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        writeln!(
+            f,
+            "{}: {n} error{}",
+            self.file.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for error in &self.errors {
+            writeln!(f, "{}:{error}", self.file.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The validated policy the gateway runs with.
+#[derive(Debug)]
+pub struct Policy {
+    pub listen: Vec<SocketAddr>,
+    pub database_url: String,
+    pub max_body_bytes: usize,
+    pub key_refresh: Duration,
+    pub threads: Option<usize>,
+    pub ledger_flush_interval: Duration,
+    pub ledger_max_batch: usize,
+    pub ledger_spool_path: PathBuf,
+    pub grace_period: Duration,
+    pub shutdown_timeout: Duration,
+    pub backends: Vec<Arc<Backend>>,
+    /// Public model name -> model, in file order for `/v1/models`.
+    pub models: Vec<Arc<Model>>,
+    pub tenants: HashMap<String, Tenant>,
+    /// Non-fatal findings (e.g. a provider key variable that is not set).
+    pub warnings: Vec<String>,
+}
+
+/// An OpenAI-compatible upstream.
+#[derive(Debug)]
+pub struct Backend {
+    pub name: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix of the base URL without a trailing slash, e.g. `/v1`.
+    pub base_path: String,
+    pub api_key: Option<String>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub name: String,
+    pub tokenizer: Tokenizer,
+    pub price: Price,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub backend: Arc<Backend>,
+    pub upstream_model: String,
+}
+
+#[derive(Debug)]
+pub struct Tenant {
+    /// `None`: every model.
+    pub models: Option<HashSet<String>>,
+}
+
+impl Policy {
+    pub fn model(&self, name: &str) -> Option<&Arc<Model>> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    pub fn tenant_may_use(&self, tenant: &str, model: &str) -> bool {
+        match self.tenants.get(tenant) {
+            Some(t) => t
+                .models
+                .as_ref()
+                .is_none_or(|allowed| allowed.contains(model)),
+            None => false,
+        }
+    }
+
+    /// Reads, parses and validates a policy file.
+    pub fn load(path: &Path) -> Result<Policy, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: path.to_path_buf(),
+            errors: vec![ConfigError {
+                line: None,
+                col: None,
+                path: String::new(),
+                message: e.to_string(),
+            }],
+        })?;
+        Policy::from_yaml(&text).map_err(|errors| ConfigErrors {
+            file: path.to_path_buf(),
+            errors,
+        })
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Policy, Vec<ConfigError>> {
+        let index = PositionIndex::build(text);
+        let mut errors = Errors {
+            index: &index,
+            list: Vec::new(),
+        };
+        let file = parse(text, &mut errors);
+        let policy = file.and_then(|file| validate(file, &mut errors));
+        match policy {
+            Some(policy) if errors.list.is_empty() => Ok(policy),
+            _ => Err(errors.list),
+        }
+    }
+}
+
+struct Errors<'a> {
+    index: &'a PositionIndex,
+    list: Vec<ConfigError>,
+}
+
+impl Errors<'_> {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let path = path.into();
+        let position = self.index.find(&path);
+        self.list.push(ConfigError {
+            line: position.map(|p| p.line),
+            col: position.map(|p| p.col),
+            path,
+            message: message.into(),
+        });
+    }
+}
+
+/// Deserializes the file. Each entry of the list sections is deserialized on its own so that one
+/// bad entry does not hide the errors of the others.
+fn parse(text: &str, errors: &mut Errors) -> Option<PolicyFile> {
+    let mut value: serde_yaml::Value = match serde_yaml::from_str(text) {
+        Ok(serde_yaml::Value::Null) => serde_yaml::Value::Mapping(Default::default()),
+        Ok(value) => value,
+        Err(e) => {
+            let location = e.location();
+            errors.list.push(ConfigError {
+                line: location.as_ref().map(|l| l.line()),
+                col: location.as_ref().map(|l| l.column()),
+                path: String::new(),
+                message: e.to_string(),
+            });
+            return None;
+        }
+    };
+    let Some(top) = value.as_mapping_mut() else {
+        errors.add("", "the policy file must be a YAML mapping");
+        return None;
+    };
+    let before = errors.list.len();
+    let backends = take_section::<BackendSection>(top, "backends", errors);
+    let models = take_section::<ModelSection>(top, "models", errors);
+    let tenants = take_section::<TenantSection>(top, "tenants", errors);
+    let mut file: PolicyFile = deserialize_at("", value, errors)?;
+    if errors.list.len() > before {
+        return None;
+    }
+    file.backends = backends?;
+    file.models = models?;
+    file.tenants = tenants?;
+    Some(file)
+}
+
+fn take_section<T: DeserializeOwned>(
+    top: &mut serde_yaml::Mapping,
+    name: &str,
+    errors: &mut Errors,
+) -> Option<Vec<T>> {
+    let Some(section) = top.remove(name) else {
+        return Some(Vec::new());
+    };
+    let items = match section {
+        serde_yaml::Value::Null => return Some(Vec::new()),
+        serde_yaml::Value::Sequence(items) => items,
+        _ => {
+            errors.add(name, format!("`{name}` must be a list"));
+            return None;
+        }
+    };
+    let mut parsed = Vec::new();
+    let mut ok = true;
+    for (i, item) in items.into_iter().enumerate() {
+        match deserialize_at::<T>(&format!("{name}[{i}]"), item, errors) {
+            Some(item) => parsed.push(item),
+            None => ok = false,
+        }
+    }
+    ok.then_some(parsed)
+}
+
+fn deserialize_at<T: DeserializeOwned>(
+    prefix: &str,
+    value: serde_yaml::Value,
+    errors: &mut Errors,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let mut path = prefix.to_string();
+            for segment in e.path().iter() {
+                match segment {
+                    serde_path_to_error::Segment::Seq { index } => {
+                        path.push_str(&format!("[{index}]"))
+                    }
+                    serde_path_to_error::Segment::Map { key } => {
+                        if !path.is_empty() {
+                            path.push('.');
+                        }
+                        path.push_str(key);
+                    }
+                    _ => {}
+                }
+            }
+            let message = e.into_inner().to_string();
+            // serde reports an unknown key at its parent; point at the key itself.
+            if let Some(key) = message
+                .strip_prefix("unknown field `")
+                .and_then(|m| m.split('`').next())
+            {
+                if !path.ends_with(key) {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(key);
+                }
+            }
+            errors.add(path, message);
+            None
+        }
+    }
+}
+
+fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
+    let mut warnings = Vec::new();
+    let mut listen = Vec::new();
+    for (i, address) in file.listen.iter().enumerate() {
+        match address.parse::<SocketAddr>() {
+            Ok(a) => listen.push(a),
+            Err(_) => errors.add(
+                format!("listen[{i}]"),
+                format!("`{address}` is not an IP:port address"),
+            ),
+        }
+    }
+    if listen.is_empty() {
+        errors.add("listen", "at least one listen address is required");
+    }
+    if !(file.database_url.starts_with("sqlite:")
+        || file.database_url.starts_with("postgres://")
+        || file.database_url.starts_with("postgresql://"))
+    {
+        errors.add(
+            "database_url",
+            "must start with sqlite:, postgres:// or postgresql://",
+        );
+    }
+    if let Some(url) = &file.redis_url {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            errors.add("redis_url", "must start with redis:// or rediss://");
+        }
+    }
+    if file.max_body_bytes == 0 || file.max_body_bytes > 1 << 30 {
+        errors.add("max_body_bytes", "must be between 1 and 1073741824");
+    }
+    if file.ledger.max_batch == 0 {
+        errors.add("ledger.max_batch", "must be at least 1");
+    }
+
+    let mut backends: Vec<Arc<Backend>> = Vec::new();
+    for (i, b) in file.backends.iter().enumerate() {
+        let at = format!("backends[{i}]");
+        if backends.iter().any(|o| o.name == b.name) {
+            errors.add(
+                format!("{at}.name"),
+                format!("duplicate backend name `{}`", b.name),
+            );
+        }
+        let Some((tls, host, port, base_path)) = parse_base_url(&b.base_url) else {
+            errors.add(
+                format!("{at}.base_url"),
+                format!(
+                    "`{}` is not an http:// or https:// URL with a host",
+                    b.base_url
+                ),
+            );
+            continue;
+        };
+        let api_key = match &b.api_key_env {
+            Some(var) => match std::env::var(var) {
+                Ok(key) if !key.is_empty() => Some(key),
+                _ => {
+                    warnings.push(format!(
+                        "backend `{}`: environment variable {var} is not set",
+                        b.name
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
+        if b.connect_timeout_ms == 0 || b.read_timeout_ms == 0 {
+            errors.add(at.clone(), "timeouts must be positive");
+        }
+        backends.push(Arc::new(Backend {
+            name: b.name.clone(),
+            tls,
+            host,
+            port,
+            base_path,
+            api_key,
+            connect_timeout: Duration::from_millis(b.connect_timeout_ms),
+            read_timeout: Duration::from_millis(b.read_timeout_ms),
+        }));
+    }
+    if file.backends.is_empty() {
+        errors.add("backends", "at least one backend is required");
+    }
+
+    let mut models: Vec<Arc<Model>> = Vec::new();
+    for (i, m) in file.models.iter().enumerate() {
+        let at = format!("models[{i}]");
+        if m.name.is_empty() {
+            errors.add(format!("{at}.name"), "must not be empty");
+        }
+        if models.iter().any(|o| o.name == m.name) {
+            errors.add(
+                format!("{at}.name"),
+                format!("duplicate model name `{}`", m.name),
+            );
+        }
+        if m.targets.is_empty() {
+            errors.add(format!("{at}.targets"), "at least one target is required");
+        }
+        let mut targets = Vec::new();
+        for (j, t) in m.targets.iter().enumerate() {
+            match backends.iter().find(|b| b.name == t.backend) {
+                Some(backend) => targets.push(Target {
+                    backend: backend.clone(),
+                    upstream_model: t.model.clone(),
+                }),
+                None if file.backends.iter().any(|b| b.name == t.backend) => {} // backend already reported
+                None => errors.add(
+                    format!("{at}.targets[{j}].backend"),
+                    format!("unknown backend `{}`", t.backend),
+                ),
+            }
+        }
+        let price = m
+            .price
+            .as_ref()
+            .map(|p| convert_price(p, &format!("{at}.price"), errors));
+        models.push(Arc::new(Model {
+            name: m.name.clone(),
+            tokenizer: m.tokenizer,
+            price: price.unwrap_or_default(),
+            targets,
+        }));
+    }
+
+    let mut tenants = HashMap::new();
+    for (i, t) in file.tenants.iter().enumerate() {
+        let at = format!("tenants[{i}]");
+        if t.name.is_empty() {
+            errors.add(format!("{at}.name"), "must not be empty");
+        }
+        if tenants.contains_key(&t.name) {
+            errors.add(
+                format!("{at}.name"),
+                format!("duplicate tenant name `{}`", t.name),
+            );
+        }
+        if let Some(allowed) = &t.models {
+            for (j, model) in allowed.iter().enumerate() {
+                if !file.models.iter().any(|m| &m.name == model) {
+                    errors.add(
+                        format!("{at}.models[{j}]"),
+                        format!("unknown model `{model}`"),
+                    );
+                }
+            }
+        }
+        let models = t.models.as_ref().map(|list| list.iter().cloned().collect());
+        tenants.insert(t.name.clone(), Tenant { models });
+    }
+
+    Some(Policy {
+        listen,
+        database_url: file.database_url,
+        max_body_bytes: file.max_body_bytes as usize,
+        key_refresh: Duration::from_millis(file.key_refresh_ms.max(50)),
+        threads: file.threads,
+        ledger_flush_interval: Duration::from_millis(file.ledger.flush_interval_ms.max(1)),
+        ledger_max_batch: file.ledger.max_batch,
+        ledger_spool_path: PathBuf::from(file.ledger.spool_path),
+        grace_period: Duration::from_secs(file.shutdown.grace_period_secs),
+        shutdown_timeout: Duration::from_secs(file.shutdown.timeout_secs),
+        backends,
+        models,
+        tenants,
+        warnings,
+    })
+}
+
+fn convert_price(p: &PriceSection, at: &str, errors: &mut Errors) -> Price {
+    let mut field = |name: &str, usd: f64| {
+        Price::usd_per_million_to_micros(usd).unwrap_or_else(|| {
+            errors.add(
+                format!("{at}.{name}"),
+                "must be a non-negative number of USD per 1M tokens",
+            );
+            0
+        })
+    };
+    let input = field("input", p.input);
+    let cached_input = p
+        .cached_input
+        .map(|c| field("cached_input", c))
+        .unwrap_or(input);
+    let output = field("output", p.output);
+    Price {
+        input,
+        cached_input,
+        output,
+    }
+}
+
+/// Splits `https://host:port/prefix` into its parts.
+fn parse_base_url(url: &str) -> Option<(bool, String, u16, String)> {
+    let uri: http::Uri = url.parse().ok()?;
+    let tls = match uri.scheme_str()? {
+        "https" => true,
+        "http" => false,
+        _ => return None,
+    };
+    let host = uri
+        .host()?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    if host.is_empty() {
+        return None;
+    }
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    Some((tls, host, port, base_path))
+}
+
+#[cfg(test)]
+mod tests;

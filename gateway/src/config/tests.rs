@@ -1,0 +1,130 @@
+use super::*;
+
+const VALID: &str = r#"
+listen: ["127.0.0.1:9000"]
+database_url: sqlite://test.db
+backends:
+  - name: primary
+    base_url: http://127.0.0.1:1234/v1/
+    api_key_env: TOLLGATE_TEST_UNSET_VARIABLE
+  - name: secondary
+    base_url: https://api.example.com
+models:
+  - name: gpt-4o-mini
+    price: { input: 0.15, cached_input: 0.075, output: 0.6 }
+    targets:
+      - { backend: primary, model: upstream-a }
+      - { backend: secondary, model: upstream-b }
+tenants:
+  - name: acme
+    models: [gpt-4o-mini]
+  - name: everyone
+"#;
+
+#[test]
+fn loads_a_valid_file() {
+    let policy = Policy::from_yaml(VALID).expect("valid");
+    assert_eq!(
+        policy.listen,
+        vec!["127.0.0.1:9000".parse::<SocketAddr>().unwrap()]
+    );
+    let primary = &policy.backends[0];
+    assert_eq!(
+        (
+            primary.tls,
+            primary.host.as_str(),
+            primary.port,
+            primary.base_path.as_str()
+        ),
+        (false, "127.0.0.1", 1234, "/v1")
+    );
+    let secondary = &policy.backends[1];
+    assert_eq!(
+        (secondary.tls, secondary.port, secondary.base_path.as_str()),
+        (true, 443, "")
+    );
+    let model = policy.model("gpt-4o-mini").unwrap();
+    assert_eq!(
+        model.price,
+        Price {
+            input: 150_000,
+            cached_input: 75_000,
+            output: 600_000
+        }
+    );
+    assert_eq!(model.targets.len(), 2);
+    assert_eq!(model.targets[1].upstream_model, "upstream-b");
+    assert!(policy.tenant_may_use("acme", "gpt-4o-mini"));
+    assert!(policy.tenant_may_use("everyone", "gpt-4o-mini"));
+    assert!(!policy.tenant_may_use("nobody", "gpt-4o-mini"));
+    assert_eq!(policy.warnings.len(), 1, "unset key variable is a warning");
+    assert_eq!(policy.max_body_bytes, 16 * 1024 * 1024);
+}
+
+#[test]
+fn reports_every_error_with_its_position() {
+    let text = r#"listen: ["127.0.0.1:9000"]
+backends:
+  - name: a
+    base_url: http://127.0.0.1:1
+    timeout: 5
+  - name: b
+    base_url: "not a url"
+models:
+  - name: m
+    targets:
+      - { backend: nowhere, model: x }
+tenants:
+  - name: t
+    models: [m, ghost]
+"#;
+    let errors = Policy::from_yaml(text).unwrap_err();
+    let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(
+        shown
+            .iter()
+            .any(|e| e.starts_with("5:5: backends[0].timeout: unknown field `timeout`")),
+        "{shown:#?}"
+    );
+    // Section errors stop validation: the unknown key is reported first; fix it and the rest appear.
+    let fixed = text.replace("    timeout: 5\n", "");
+    let errors = Policy::from_yaml(&fixed).unwrap_err();
+    let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(shown.len(), 3, "{shown:#?}");
+    assert!(
+        shown[0].starts_with("6:5: backends[1].base_url:"),
+        "{shown:#?}"
+    );
+    assert!(
+        shown[1].starts_with("10:11: models[0].targets[0].backend: unknown backend `nowhere`"),
+        "{shown:#?}"
+    );
+    assert!(
+        shown[2].starts_with("13:17: tenants[0].models[1]: unknown model `ghost`"),
+        "{shown:#?}"
+    );
+}
+
+#[test]
+fn reports_errors_in_several_entries_at_once() {
+    let text = "backends:\n  - name: a\n    base_url: http://x\n    colour: red\n  - name: b\n    base_url: http://y\n    size: 1\nmodels: []\n";
+    let errors = Policy::from_yaml(text).unwrap_err();
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec!["backends[0].colour", "backends[1].size"],
+        "{errors:#?}"
+    );
+    assert_eq!((errors[0].line, errors[0].col), (Some(4), Some(5)));
+}
+
+#[test]
+fn syntax_and_type_errors_have_positions() {
+    let errors = Policy::from_yaml("listen: [\n").unwrap_err();
+    assert!(errors[0].line.is_some(), "{errors:?}");
+    let errors = Policy::from_yaml("max_body_bytes: lots\nbackends: []\n").unwrap_err();
+    assert_eq!(errors[0].path, "max_body_bytes");
+    assert_eq!(errors[0].line, Some(1));
+    let errors = Policy::from_yaml("surprise: 1\n").unwrap_err();
+    assert_eq!(errors[0].path, "surprise");
+}

@@ -1,0 +1,102 @@
+//! What one request is billed, assembled as the request goes and turned into its ledger row.
+
+use std::time::{Duration, Instant};
+
+use tollgate_billing::ledger::LedgerRow;
+use tollgate_billing::price::{Price, Usage};
+use tollgate_billing::tokens::Tokenizer;
+
+use super::usage::ProviderUsage;
+
+pub struct Meter {
+    pub request_id: String,
+    pub started: Instant,
+    pub created_ms: i64,
+    pub tenant: String,
+    pub key_id: String,
+    pub endpoint: &'static str,
+    pub model: String,
+    pub stream: bool,
+    pub tokenizer: Tokenizer,
+    pub price: Price,
+    pub backend: Option<String>,
+    pub upstream_model: Option<String>,
+    pub attempts: i32,
+    pub counted_prompt: u64,
+    pub counted_completion: u64,
+    pub provider: Option<ProviderUsage>,
+    pub first_byte: Option<Duration>,
+    pub status: u16,
+    pub outcome: &'static str,
+    /// A successful response (or part of one) reached the client: there is something to bill.
+    pub served: bool,
+}
+
+impl Meter {
+    /// Counts generated text the gateway saw, for when the provider reports no usage.
+    pub fn count_completion(&mut self, text: &str) {
+        self.counted_completion = self.tokenizer.count(text) as u64;
+    }
+
+    /// Billed usage: the provider's report when it covers the request, else the gateway's count.
+    fn billed(&self) -> (Usage, &'static str) {
+        if !self.served {
+            return (Usage::default(), "none");
+        }
+        let embeddings = self.endpoint == "embeddings";
+        match self.provider {
+            Some(ProviderUsage {
+                prompt: Some(prompt),
+                cached,
+                completion,
+            }) if completion.is_some() || embeddings => {
+                let usage = Usage {
+                    prompt,
+                    cached: cached.unwrap_or(0),
+                    completion: completion.unwrap_or(0),
+                };
+                (usage, "provider")
+            }
+            _ => {
+                let usage = Usage {
+                    prompt: self.counted_prompt,
+                    cached: 0,
+                    completion: self.counted_completion,
+                };
+                (usage, "gateway")
+            }
+        }
+    }
+
+    pub fn into_row(self) -> LedgerRow {
+        let (usage, source) = self.billed();
+        let provider = self.provider.unwrap_or_default();
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        LedgerRow {
+            cost_micros: as_i64(self.price.cost_micros(usage)),
+            request_id: self.request_id,
+            created_ms: self.created_ms,
+            tenant: self.tenant,
+            key_id: self.key_id,
+            endpoint: self.endpoint.to_string(),
+            model: self.model,
+            backend: self.backend,
+            upstream_model: self.upstream_model,
+            stream: self.stream,
+            status: i32::from(self.status),
+            outcome: self.outcome.to_string(),
+            attempts: self.attempts,
+            prompt_tokens: as_i64(usage.prompt),
+            cached_tokens: as_i64(usage.cached),
+            completion_tokens: as_i64(usage.completion),
+            counted_prompt_tokens: as_i64(self.counted_prompt),
+            counted_completion_tokens: as_i64(self.counted_completion),
+            provider_prompt_tokens: provider.prompt.map(as_i64),
+            provider_cached_tokens: provider.cached.map(as_i64),
+            provider_completion_tokens: provider.completion.map(as_i64),
+            usage_source: source.to_string(),
+            latency_ms: self.started.elapsed().as_millis() as i64,
+            ttft_ms: self.first_byte.map(|d| d.as_millis() as i64),
+        }
+    }
+}

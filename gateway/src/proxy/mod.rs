@@ -1,0 +1,544 @@
+//! The data plane: a Pingora service that answers every request itself in `request_filter`.
+//!
+//! A request's walk: authenticate from the key cache -> read the body (bounded) -> validate and
+//! count prompt tokens -> try the model's targets in order until one answers (fallback on
+//! connect failure, timeout, 429 or 5xx, never once a byte has reached the client) -> relay the
+//! answer (SSE event by event) -> meter -> queue one ledger row. The database is never touched
+//! here: keys come from [`KeyCache`], rows go to the background [`LedgerSender`].
+
+pub mod error;
+mod meter;
+mod request;
+mod sse;
+mod upstream;
+mod usage;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::ErrorType;
+use serde_json::{json, Value};
+use tollgate_billing::ledger::LedgerSender;
+use tollgate_billing::price::Price;
+use tollgate_billing::tokens::Tokenizer;
+
+use crate::config::{Model, Policy};
+use crate::keys::{KeyCache, KeyInfo};
+use error::ApiError;
+use meter::Meter;
+use request::{ClientRequest, Endpoint};
+use sse::SseRelay;
+use upstream::{AttemptError, Exchange, Upstreams};
+
+/// Largest non-streamed upstream response accepted (embedding batches can be large).
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
+/// How much of a too-large request body is read and discarded so the client sees the 413.
+const OVERSIZE_DRAIN_BYTES: usize = 64 << 20;
+
+/// What the data plane shares with the rest of the process.
+pub struct AppState {
+    pub policy: Arc<Policy>,
+    pub keys: Arc<KeyCache>,
+    pub ledger: LedgerSender,
+}
+
+pub struct Gateway {
+    state: Arc<AppState>,
+    upstreams: Upstreams,
+}
+
+impl Gateway {
+    pub fn new(state: Arc<AppState>) -> Gateway {
+        Gateway {
+            state,
+            upstreams: Upstreams::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = ();
+
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut (),
+    ) -> pingora::Result<Box<HttpPeer>> {
+        // Never reached: request_filter answers every request.
+        pingora::Error::e_explain(
+            ErrorType::InternalError,
+            "the gateway owns its upstream exchanges",
+        )
+    }
+
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {
+        self.handle(session).await;
+        Ok(true)
+    }
+}
+
+/// A response chosen among the attempts, not yet sent to the client.
+enum Chosen<'a> {
+    Stream {
+        exchange: Exchange<'a>,
+        first: Bytes,
+    },
+    Whole {
+        status: u16,
+        content_type: Option<String>,
+        retry_after: Option<String>,
+        body: Bytes,
+    },
+}
+
+impl Gateway {
+    async fn handle(&self, session: &mut Session) {
+        let request_id = uuid::Uuid::now_v7().to_string();
+        let method = session.req_header().method.as_str().to_string();
+        let path = session.req_header().uri.path().to_string();
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/healthz") => {
+                let body = Bytes::from_static(b"{\"status\":\"ok\"}");
+                write_whole(session, 200, "application/json", body, &request_id, &[]).await;
+            }
+            ("GET", "/v1/models") => match self.authenticate(session) {
+                Ok(key) => {
+                    let body = self.models_for(&key.tenant);
+                    write_whole(session, 200, "application/json", body, &request_id, &[]).await;
+                }
+                Err(error) => send_error(session, &error, &request_id).await,
+            },
+            (_, "/v1/models") => {
+                send_error(
+                    session,
+                    &ApiError::method_not_allowed(&method, &path),
+                    &request_id,
+                )
+                .await
+            }
+            _ => match Endpoint::from_path(&path) {
+                Some(endpoint) if method == "POST" => {
+                    self.proxy(session, endpoint, request_id).await
+                }
+                Some(_) => {
+                    send_error(
+                        session,
+                        &ApiError::method_not_allowed(&method, &path),
+                        &request_id,
+                    )
+                    .await
+                }
+                None => send_error(session, &ApiError::not_found(&path), &request_id).await,
+            },
+        }
+    }
+
+    fn authenticate(&self, session: &Session) -> Result<Arc<KeyInfo>, ApiError> {
+        let header = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .ok_or_else(ApiError::missing_key)?;
+        let value = header.to_str().map_err(|_| ApiError::invalid_key())?.trim();
+        let token = match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+            _ => return Err(ApiError::invalid_key()),
+        };
+        if token.is_empty() {
+            return Err(ApiError::missing_key());
+        }
+        self.state
+            .keys
+            .authenticate(token)
+            .ok_or_else(ApiError::invalid_key)
+    }
+
+    fn models_for(&self, tenant: &str) -> Bytes {
+        let policy = &self.state.policy;
+        let data: Vec<Value> = policy
+            .models
+            .iter()
+            .filter(|m| policy.tenant_may_use(tenant, &m.name))
+            .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "tollgate"}))
+            .collect();
+        Bytes::from(json!({"object": "list", "data": data}).to_string())
+    }
+
+    async fn proxy(&self, session: &mut Session, endpoint: Endpoint, request_id: String) {
+        let key = match self.authenticate(session) {
+            Ok(key) => key,
+            Err(error) => return send_error(session, &error, &request_id).await,
+        };
+        let mut meter = Meter {
+            request_id,
+            started: Instant::now(),
+            created_ms: chrono::Utc::now().timestamp_millis(),
+            tenant: key.tenant.clone(),
+            key_id: key.id.clone(),
+            endpoint: endpoint.name(),
+            model: String::new(),
+            stream: false,
+            tokenizer: Tokenizer::O200kBase,
+            price: Price::default(),
+            backend: None,
+            upstream_model: None,
+            attempts: 0,
+            counted_prompt: 0,
+            counted_completion: 0,
+            provider: None,
+            first_byte: None,
+            status: 0,
+            outcome: "rejected",
+            served: false,
+        };
+        if let Err(error) = self.proxy_metered(session, endpoint, &mut meter).await {
+            meter.status = error.status;
+            if error.status >= 500 {
+                meter.outcome = "upstream_error";
+            }
+            send_error(session, &error, &meter.request_id).await;
+        }
+        self.state.ledger.record(meter.into_row());
+    }
+
+    async fn proxy_metered(
+        &self,
+        session: &mut Session,
+        endpoint: Endpoint,
+        meter: &mut Meter,
+    ) -> Result<(), ApiError> {
+        let policy = self.state.policy.clone();
+        let body = read_body(session, policy.max_body_bytes).await?;
+        let request = ClientRequest::parse(endpoint, &body)?;
+        drop(body);
+        meter.model = request.model.clone();
+        meter.stream = request.stream;
+        let model = policy
+            .model(&request.model)
+            .filter(|_| policy.tenant_may_use(&meter.tenant, &request.model))
+            .ok_or_else(|| ApiError::model_not_found(&request.model))?
+            .clone();
+        meter.tokenizer = model.tokenizer;
+        meter.price = model.price;
+        meter.counted_prompt = request.count_prompt_tokens(model.tokenizer) as u64;
+
+        let chosen = tokio::select! {
+            chosen = self.choose(&request, &model, meter) => Some(chosen?),
+            () = client_gone(session) => None,
+        };
+        match chosen {
+            None => {
+                meter.status = 499;
+                meter.outcome = "client_closed";
+            }
+            Some(Chosen::Whole {
+                status,
+                content_type,
+                retry_after,
+                body,
+            }) => {
+                self.send_whole(session, status, content_type, retry_after, body, meter)
+                    .await
+            }
+            Some(Chosen::Stream { exchange, first }) => {
+                self.relay_stream(session, exchange, first, request.wants_usage, meter)
+                    .await
+            }
+        }
+        Ok(())
+    }
+
+    /// Tries the model's targets in order and returns the first usable response. Nothing has
+    /// been sent to the client yet, so any failure here may still fall back.
+    async fn choose<'a>(
+        &'a self,
+        request: &ClientRequest,
+        model: &Model,
+        meter: &mut Meter,
+    ) -> Result<Chosen<'a>, ApiError> {
+        let mut last_error = None;
+        for (i, target) in model.targets.iter().enumerate() {
+            let has_next = i + 1 < model.targets.len();
+            meter.attempts += 1;
+            meter.backend = Some(target.backend.name.clone());
+            meter.upstream_model = Some(target.upstream_model.clone());
+            let body = request.upstream_body(&target.upstream_model);
+            let suffix = request.endpoint.upstream_suffix();
+            let mut exchange = match self
+                .upstreams
+                .send(
+                    &target.backend,
+                    suffix,
+                    body,
+                    request.stream,
+                    &meter.request_id,
+                )
+                .await
+            {
+                Ok(exchange) => exchange,
+                Err(error) => {
+                    tracing::warn!(request_id = %meter.request_id, "upstream attempt failed: {error:?}");
+                    last_error = Some(error);
+                    continue;
+                }
+            };
+            let status = exchange.status();
+            let retryable = status == 429 || status >= 500;
+            if retryable && has_next {
+                tracing::warn!(request_id = %meter.request_id, backend = exchange.backend_name(), status, "falling back");
+                exchange.finish().await;
+                continue;
+            }
+            if request.stream && (200..300).contains(&status) {
+                // Wait for the first bytes before committing: a backend that dies now can still be replaced.
+                match exchange.read().await {
+                    Ok(first) => {
+                        return Ok(Chosen::Stream {
+                            exchange,
+                            first: first.unwrap_or_default(),
+                        })
+                    }
+                    Err(error) => {
+                        exchange.finish().await;
+                        last_error = Some(error);
+                        continue;
+                    }
+                }
+            }
+            let content_type = exchange.header("content-type");
+            let retry_after = exchange.header("retry-after");
+            match exchange.read_to_end(MAX_RESPONSE_BYTES).await {
+                Ok(body) => {
+                    exchange.finish().await;
+                    return Ok(Chosen::Whole {
+                        status,
+                        content_type,
+                        retry_after,
+                        body,
+                    });
+                }
+                Err(error) => {
+                    exchange.finish().await;
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(match last_error {
+            Some(AttemptError::Timeout(detail)) => {
+                ApiError::gateway_timeout(format!("No backend answered in time ({detail})."))
+            }
+            Some(AttemptError::Connect(detail)) => {
+                ApiError::bad_gateway(format!("No backend could serve the request ({detail})."))
+            }
+            None => ApiError::bad_gateway("No backend could serve the request."),
+        })
+    }
+
+    async fn send_whole(
+        &self,
+        session: &mut Session,
+        status: u16,
+        content_type: Option<String>,
+        retry_after: Option<String>,
+        body: Bytes,
+        meter: &mut Meter,
+    ) {
+        meter.status = status;
+        if (200..300).contains(&status) {
+            meter.served = true;
+            meter.outcome = "ok";
+            if let Ok(message) = serde_json::from_slice::<Value>(&body) {
+                meter.provider = usage::provider_usage(&message);
+                let mut text = String::new();
+                usage::append_generated_text(&message, &mut text);
+                meter.count_completion(&text);
+            }
+        } else {
+            meter.outcome = "upstream_error";
+        }
+        let content_type = content_type.unwrap_or_else(|| "application/json".into());
+        let extra: Vec<(&str, String)> = retry_after
+            .into_iter()
+            .map(|v| ("retry-after", v))
+            .collect();
+        if !write_whole(
+            session,
+            status,
+            &content_type,
+            body,
+            &meter.request_id,
+            &extra,
+        )
+        .await
+        {
+            meter.outcome = "client_closed";
+        }
+    }
+
+    async fn relay_stream(
+        &self,
+        session: &mut Session,
+        mut exchange: Exchange<'_>,
+        first: Bytes,
+        wants_usage: bool,
+        meter: &mut Meter,
+    ) {
+        meter.status = 200;
+        meter.served = true;
+        meter.outcome = "ok";
+        let content_type = exchange
+            .header("content-type")
+            .unwrap_or_else(|| "text/event-stream".into());
+        let chunked = session.req_header().version == http::Version::HTTP_11;
+        let mut header = response_header(200, &content_type, &meter.request_id);
+        let _ = header.insert_header("cache-control", "no-cache");
+        if chunked {
+            let _ = header.insert_header("transfer-encoding", "chunked");
+        }
+        if session
+            .write_response_header(Box::new(header), false)
+            .await
+            .is_err()
+        {
+            meter.outcome = "client_closed";
+            exchange.finish().await;
+            return;
+        }
+        let mut relay = SseRelay::new(!wants_usage);
+        let mut chunk = first;
+        loop {
+            let out = relay.push(&chunk);
+            if !out.is_empty() {
+                if session.write_response_body(Some(out), false).await.is_err() {
+                    meter.outcome = "client_closed";
+                    break;
+                }
+                meter
+                    .first_byte
+                    .get_or_insert_with(|| meter.started.elapsed());
+            }
+            match exchange.read().await {
+                Ok(Some(next)) => chunk = next,
+                Ok(None) => {
+                    let tail = relay.finish();
+                    let tail = (!tail.is_empty()).then_some(tail);
+                    if session.write_response_body(tail, true).await.is_err() {
+                        meter.outcome = "client_closed";
+                    }
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(request_id = %meter.request_id, "upstream stream broke: {error:?}");
+                    meter.outcome = "upstream_closed";
+                    let event = format!(
+                        "data: {}\n\n",
+                        json!({"error": {"message": "The upstream connection was lost mid-stream.", "type": "upstream_error", "param": null, "code": "upstream_closed"}})
+                    );
+                    let _ = session
+                        .write_response_body(Some(Bytes::from(event)), true)
+                        .await;
+                    break;
+                }
+            }
+        }
+        meter.provider = relay.usage;
+        meter.count_completion(&relay.generated_text);
+        exchange.finish().await;
+    }
+}
+
+/// Reads the request body, refusing it past `limit`. An oversized body is still read (up to a
+/// bound) and discarded, so that the client is reading when the 413 arrives.
+async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut too_large = declared.is_some_and(|len| len > limit as u64);
+    let mut body = BytesMut::new();
+    let mut seen = 0usize;
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                seen += chunk.len();
+                if too_large || seen > limit {
+                    too_large = true;
+                    body.clear();
+                    if seen > limit + OVERSIZE_DRAIN_BYTES {
+                        break;
+                    }
+                } else {
+                    body.extend_from_slice(&chunk);
+                }
+            }
+            Ok(None) => break,
+            Err(_) => return Err(ApiError::bad_request("The request body could not be read.")),
+        }
+    }
+    if too_large {
+        session.set_keepalive(None);
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(body.freeze())
+}
+
+/// Resolves when the client closes its connection; pending otherwise.
+async fn client_gone(session: &mut Session) {
+    let downstream = session.as_downstream_mut();
+    downstream.set_abort_on_close(true);
+    match downstream.read_body_or_idle(true).await {
+        Err(_) => {}
+        Ok(_) => std::future::pending::<()>().await,
+    }
+}
+
+fn response_header(status: u16, content_type: &str, request_id: &str) -> ResponseHeader {
+    let mut header = ResponseHeader::build(status, Some(6))
+        .unwrap_or_else(|_| ResponseHeader::build(502, None).expect("502 is valid"));
+    let _ = header.insert_header("content-type", content_type);
+    let _ = header.insert_header("x-request-id", request_id);
+    header
+}
+
+/// Writes a complete response; false when the client is gone.
+async fn write_whole(
+    session: &mut Session,
+    status: u16,
+    content_type: &str,
+    body: Bytes,
+    request_id: &str,
+    extra: &[(&str, String)],
+) -> bool {
+    let mut header = response_header(status, content_type, request_id);
+    let _ = header.insert_header("content-length", body.len().to_string());
+    for (name, value) in extra {
+        let _ = header.insert_header(name.to_string(), value.as_str());
+    }
+    session
+        .write_response_header(Box::new(header), false)
+        .await
+        .is_ok()
+        && session.write_response_body(Some(body), true).await.is_ok()
+}
+
+async fn send_error(session: &mut Session, error: &ApiError, request_id: &str) {
+    write_whole(
+        session,
+        error.status,
+        "application/json",
+        error.body(),
+        request_id,
+        &[],
+    )
+    .await;
+}

@@ -1,0 +1,148 @@
+//! `tollgate serve`: opens the store, starts the background tasks (ledger writer, key refresh)
+//! on a small Tokio runtime of their own, runs the Pingora data plane until a shutdown signal,
+//! then flushes the ledger.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use tollgate_billing::ledger::{self, WriterOptions};
+use tollgate_billing::store::Store;
+
+use crate::cli::{load_policy, redact_url};
+use crate::keys::{self, KeyCache};
+use crate::proxy::{AppState, Gateway};
+
+/// Every this many key refreshes, reload all keys instead of only the changes.
+const FULL_KEY_RELOAD_EVERY: u32 = 60;
+/// Tenant that receives the demo key on a fresh database.
+const DEMO_TENANT: &str = "demo";
+
+pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
+    let Some(policy) = load_policy(config) else {
+        return Ok(ExitCode::from(2));
+    };
+    let policy = Arc::new(policy);
+    let background = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tollgate-bg")
+        .enable_all()
+        .build()?;
+    let (store, keys, ledger) = background.block_on(start_background(&policy))?;
+
+    let mut conf = ServerConf::default();
+    conf.threads = policy
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    conf.grace_period_seconds = Some(policy.grace_period.as_secs());
+    conf.graceful_shutdown_timeout_seconds = Some(policy.shutdown_timeout.as_secs());
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let state = Arc::new(AppState {
+        policy: policy.clone(),
+        keys,
+        ledger: ledger.clone(),
+    });
+    let mut service =
+        pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state));
+    for address in &policy.listen {
+        service.add_tcp(&address.to_string());
+    }
+    server.add_service(service);
+    let addresses: Vec<String> = policy
+        .listen
+        .iter()
+        .map(|a| format!("http://{a}/v1"))
+        .collect();
+    println!(
+        "tollgate serving on {} (database {})",
+        addresses.join(", "),
+        redact_url(&policy.database_url)
+    );
+
+    server.run(RunArgs {
+        shutdown_signal: Box::new(TerminateOnSignal),
+    });
+
+    background.block_on(async {
+        ledger.flush().await;
+        store.close().await;
+    });
+    tracing::info!("ledger flushed; bye");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn start_background(
+    policy: &Arc<crate::config::Policy>,
+) -> anyhow::Result<(Store, Arc<KeyCache>, ledger::LedgerSender)> {
+    let store = Store::open(&policy.database_url).await?;
+    let replayed = ledger::replay_spool(&store, &policy.ledger_spool_path).await?;
+    if replayed > 0 {
+        tracing::info!(rows = replayed, "replayed spooled ledger rows");
+    }
+    if store.keys_changed_since(0).await?.is_empty() && policy.tenants.contains_key(DEMO_TENANT) {
+        let (record, secret) = keys::create_key(&store, DEMO_TENANT, Some("demo")).await?;
+        println!(
+            "Created a demo API key for tenant `{DEMO_TENANT}` ({}). It is shown only once:",
+            record.id
+        );
+        println!("  {secret}");
+    }
+    let keys = Arc::new(KeyCache::default());
+    keys.refresh(&store, true).await?;
+    tokio::spawn(refresh_keys(
+        store.clone(),
+        keys.clone(),
+        policy.key_refresh,
+    ));
+    let ledger = ledger::spawn_writer(
+        store.clone(),
+        WriterOptions {
+            max_batch: policy.ledger_max_batch,
+            flush_interval: policy.ledger_flush_interval,
+            spool_path: policy.ledger_spool_path.clone(),
+            shutdown_deadline: std::time::Duration::from_secs(10),
+        },
+    );
+    Ok((store, keys, ledger))
+}
+
+/// Keeps the key cache in step with the database (keys created or revoked by other processes).
+async fn refresh_keys(store: Store, keys: Arc<KeyCache>, every: std::time::Duration) {
+    let mut ticks = 0u32;
+    loop {
+        tokio::time::sleep(every).await;
+        ticks = ticks.wrapping_add(1);
+        if let Err(e) = keys
+            .refresh(&store, ticks % FULL_KEY_RELOAD_EVERY == 0)
+            .await
+        {
+            tracing::warn!("key refresh failed (serving with the cached keys): {e:#}");
+        }
+    }
+}
+
+/// SIGTERM and SIGINT both drain in-flight requests, so Ctrl-C never loses a ledger row.
+struct TerminateOnSignal;
+
+#[async_trait]
+impl ShutdownSignalWatch for TerminateOnSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down: finishing in-flight requests");
+        ShutdownSignal::GracefulTerminate
+    }
+}
