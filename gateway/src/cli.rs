@@ -232,7 +232,11 @@ async fn print_usage(store: &Store, tenant: &str, since_ms: i64) -> anyhow::Resu
     let print = |row: &UsageTotals| {
         println!(
             "{:<28} {:>9} {:>14} {:>12} {:>14} {:>14}",
-            row.model,
+            if row.model.is_empty() {
+                "(rejected before model)"
+            } else {
+                &row.model
+            },
             row.requests,
             row.prompt_tokens,
             row.cached_tokens,

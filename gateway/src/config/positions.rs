@@ -46,8 +46,17 @@ impl PositionIndex {
 }
 
 enum Frame {
-    Map { path: String, key: Option<String> },
-    Seq { path: String, next: usize },
+    /// `located`: a block mapping's start mark sits at its first `:`; its first key is a
+    /// better position, so the mapping is recorded when that key arrives.
+    Map {
+        path: String,
+        key: Option<String>,
+        located: bool,
+    },
+    Seq {
+        path: String,
+        next: usize,
+    },
 }
 
 #[derive(Default)]
@@ -61,7 +70,7 @@ impl Recorder {
     fn next_value_path(&mut self) -> Option<String> {
         match self.stack.last_mut() {
             None => Some(String::new()),
-            Some(Frame::Map { path, key }) => {
+            Some(Frame::Map { path, key, .. }) => {
                 let key = key.take()?;
                 Some(if path.is_empty() {
                     key
@@ -91,13 +100,17 @@ impl MarkedEventReceiver for Recorder {
                 Some(path) => self.record(&path, mark),
                 None => {
                     // A mapping key: remember it, and point its path at the key itself.
-                    if let Some(Frame::Map { path, key }) = self.stack.last_mut() {
+                    if let Some(Frame::Map { path, key, located }) = self.stack.last_mut() {
                         let full = if path.is_empty() {
                             value.clone()
                         } else {
                             format!("{path}.{value}")
                         };
+                        let map_path = (!std::mem::replace(located, true)).then(|| path.clone());
                         *key = Some(value);
+                        if let Some(map_path) = map_path {
+                            self.record(&map_path, mark);
+                        }
                         self.record(&full, mark);
                     }
                 }
@@ -107,8 +120,11 @@ impl MarkedEventReceiver for Recorder {
             }
             Event::MappingStart(..) => {
                 let path = self.next_value_path().unwrap_or_default();
-                self.record(&path, mark);
-                self.stack.push(Frame::Map { path, key: None });
+                self.stack.push(Frame::Map {
+                    path,
+                    key: None,
+                    located: false,
+                });
             }
             Event::SequenceStart(..) => {
                 let path = self.next_value_path().unwrap_or_default();
