@@ -1,1 +1,10 @@
+//! End-to-end tests: the real `tollgate` binary, a mock provider, real SQLite and Postgres.
+//! Postgres is expected at `TOLLGATE_TEST_POSTGRES` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`); `.ci/run` starts it when missing.
 
+mod cli;
+mod errors;
+mod harness;
+mod ledger;
+mod proxy;
+mod sdk;

@@ -1,0 +1,80 @@
+//! The command line: `config check`, `serve` refusing a bad file, `migrate`.
+
+use std::process::Command;
+
+use crate::harness::gateway::{tollgate, BIN};
+
+#[test]
+fn config_check_reports_every_error_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "listen: [\"127.0.0.1:1\"]\nbackends:\n  - name: a\n    base_url: ftp://x\nmodels:\n  - name: m\n    targets:\n      - { backend: b, model: x }\ntenants:\n  - name: t\n    models: [zz]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let report = String::from_utf8(out.stderr).unwrap();
+    assert!(report.contains("3 errors"), "{report}");
+    assert!(
+        report.contains("bad.yaml:4:5: backends[0].base_url"),
+        "{report}"
+    );
+    assert!(
+        report.contains("bad.yaml:8:11: models[0].targets[0].backend: unknown backend `b`"),
+        "{report}"
+    );
+    assert!(
+        report.contains("bad.yaml:11:14: tenants[0].models[0]: unknown model `zz`"),
+        "{report}"
+    );
+
+    // serve refuses the same file with the same message.
+    let serve = Command::new(BIN)
+        .arg("--config")
+        .arg(&bad)
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert_eq!(serve.status.code(), Some(2));
+    assert!(String::from_utf8(serve.stderr)
+        .unwrap()
+        .contains("bad.yaml:8:11: models[0].targets[0].backend"));
+}
+
+#[test]
+fn the_shipped_policy_is_valid_and_migrate_works() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tollgate.yaml");
+    let out = Command::new(BIN)
+        .args(["config", "check", shipped])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("t.yaml");
+    let db = dir.path().join("x.db");
+    let text = std::fs::read_to_string(shipped).unwrap().replace(
+        "sqlite://tollgate.db",
+        &format!("sqlite://{}", db.display()),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = tollgate(&config, &["migrate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(db.exists());
+    let out = tollgate(&config, &["keys", "create", "--tenant", "nobody"]);
+    assert_eq!(out.status.code(), Some(2), "unknown tenants are refused");
+}

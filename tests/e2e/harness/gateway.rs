@@ -1,0 +1,257 @@
+//! Runs the real `tollgate` binary against a generated policy file, in a temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tollgate_billing::ledger::LedgerRow;
+use tollgate_billing::store::Store;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// A free loopback port (bound then released; the gateway binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub port: u16,
+    pub database_url: String,
+    child: Option<Child>,
+}
+
+/// Runs a `tollgate` subcommand with `--config`.
+pub fn tollgate(config: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("TOLLGATE_TEST_PROVIDER_KEY", "sk-provider-secret")
+        .output()
+        .expect("run tollgate")
+}
+
+impl Gateway {
+    /// Writes `policy` (a YAML body without `listen` and `database_url`) and starts the gateway.
+    /// `database_url`: `None` for a fresh SQLite file.
+    pub async fn start(policy: &str, database_url: Option<String>) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let database_url = database_url
+            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("ledger.db").display()));
+        let config = dir.path().join("tollgate.yaml");
+        let text = format!(
+            "listen: [\"127.0.0.1:{port}\"]\ndatabase_url: {database_url}\nkey_refresh_ms: 100\nthreads: 2\n\
+             shutdown: {{ grace_period_secs: 0, timeout_secs: 2 }}\n\
+             ledger: {{ flush_interval_ms: 50, spool_path: {} }}\n{policy}",
+            dir.path().join("spool.jsonl").display()
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut gateway = Gateway {
+            dir,
+            config,
+            port,
+            database_url,
+            child: None,
+        };
+        gateway.spawn().await;
+        gateway
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("gateway.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .current_dir(self.dir.path())
+            .env("TOLLGATE_TEST_PROVIDER_KEY", "sk-provider-secret")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start tollgate");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = reqwest::Client::new();
+        loop {
+            if let Ok(r) = client.get(format!("{}/healthz", self.url())).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("gateway exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not start:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        tollgate(&self.config, args)
+    }
+
+    /// Creates a key through the CLI and waits until the running gateway accepts it.
+    pub async fn create_key(&self, tenant: &str) -> String {
+        let out = self.cli(&["keys", "create", "--tenant", tenant]);
+        assert!(
+            out.status.success(),
+            "keys create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(secret.starts_with("tg-"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let client = reqwest::Client::new();
+        while Instant::now() < deadline {
+            let r = client
+                .get(format!("{}/v1/models", self.url()))
+                .bearer_auth(&secret)
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                return secret;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("key never became valid");
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "gateway exit {status}:\n{}", self.log());
+                return;
+            }
+            assert!(Instant::now() < deadline, "gateway did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    pub async fn store(&self) -> Store {
+        Store::open(&self.database_url).await.unwrap()
+    }
+
+    /// Waits until the ledger holds `n` rows for `tenant` and returns them.
+    pub async fn ledger(&self, tenant: &str, n: usize) -> Vec<LedgerRow> {
+        let store = self.store().await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let rows = store.ledger_rows(tenant).await.unwrap();
+            if rows.len() >= n {
+                store.close().await;
+                assert_eq!(rows.len(), n, "more ledger rows than requests: {rows:#?}");
+                return rows;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ledger has {} of {n} rows:\n{}",
+                rows.len(),
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A policy with one model whose targets are `backends` in order (name, base_url).
+pub fn policy(backends: &[(&str, String)], extra_backend_yaml: &str) -> String {
+    let mut yaml = String::from("backends:\n");
+    for (name, url) in backends {
+        yaml.push_str(&format!(
+            "  - {{ name: {name}, base_url: \"{url}\", api_key_env: TOLLGATE_TEST_PROVIDER_KEY, connect_timeout_ms: 1000, read_timeout_ms: 3000 {extra_backend_yaml} }}\n"
+        ));
+    }
+    yaml.push_str("models:\n  - name: gpt-test\n    tokenizer: o200k_base\n    price: { input: 2.5, cached_input: 1.25, output: 10 }\n    targets:\n");
+    for (name, _) in backends {
+        yaml.push_str(&format!(
+            "      - {{ backend: {name}, model: upstream-{name} }}\n"
+        ));
+    }
+    yaml.push_str("  - name: embed-test\n    tokenizer: o200k_base\n    price: { input: 0.02, output: 0 }\n    targets:\n");
+    yaml.push_str(&format!(
+        "      - {{ backend: {}, model: upstream-embed }}\n",
+        backends[0].0
+    ));
+    yaml.push_str("tenants:\n  - name: acme\n  - name: other\n    models: [embed-test]\n");
+    yaml
+}
+
+/// A fresh Postgres database for one test, dropped by the caller when done.
+pub async fn fresh_postgres() -> (String, String) {
+    let admin = std::env::var("TOLLGATE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let name = format!("tollgate_test_{}", uuid_like());
+    let pool = sqlx::PgPool::connect(&admin)
+        .await
+        .expect("Postgres must be running for these tests");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let base = admin.rsplit_once('/').unwrap().0;
+    (format!("{base}/{name}"), name)
+}
+
+pub async fn drop_postgres(name: &str) {
+    let admin = std::env::var("TOLLGATE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&pool)
+        .await;
+    pool.close().await;
+}
+
+fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{:x}_{}", nanos, std::process::id())
+}
