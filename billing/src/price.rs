@@ -27,7 +27,7 @@ impl Price {
     /// Converts a USD-per-1M-tokens figure from a policy file. Prices finer than one
     /// micro-dollar per 1M tokens are rounded to the nearest.
     pub fn usd_per_million_to_micros(usd: f64) -> Option<u64> {
-        if !usd.is_finite() || usd < 0.0 || usd > 1e9 {
+        if !usd.is_finite() || !(0.0..=1e9).contains(&usd) {
             return None;
         }
         Some((usd * 1e6).round() as u64)

@@ -33,12 +33,12 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
         .build()?;
     let (store, keys, ledger) = background.block_on(start_background(&policy))?;
 
-    let mut conf = ServerConf::default();
-    conf.threads = policy
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    conf.grace_period_seconds = Some(policy.grace_period.as_secs());
-    conf.graceful_shutdown_timeout_seconds = Some(policy.shutdown_timeout.as_secs());
+    let conf = ServerConf {
+        threads: policy.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        grace_period_seconds: Some(policy.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(policy.shutdown_timeout.as_secs()),
+        ..Default::default()
+    };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let state = Arc::new(AppState {
@@ -117,7 +117,7 @@ async fn refresh_keys(store: Store, keys: Arc<KeyCache>, every: std::time::Durat
         tokio::time::sleep(every).await;
         ticks = ticks.wrapping_add(1);
         if let Err(e) = keys
-            .refresh(&store, ticks % FULL_KEY_RELOAD_EVERY == 0)
+            .refresh(&store, ticks.is_multiple_of(FULL_KEY_RELOAD_EVERY))
             .await
         {
             tracing::warn!("key refresh failed (serving with the cached keys): {e:#}");

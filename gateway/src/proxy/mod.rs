@@ -88,7 +88,7 @@ impl ProxyHttp for Gateway {
 /// A response chosen among the attempts, not yet sent to the client.
 enum Chosen<'a> {
     Stream {
-        exchange: Exchange<'a>,
+        exchange: Box<Exchange<'a>>,
         first: Bytes,
     },
     Whole {
@@ -302,7 +302,7 @@ impl Gateway {
                 match exchange.read().await {
                     Ok(first) => {
                         return Ok(Chosen::Stream {
-                            exchange,
+                            exchange: Box::new(exchange),
                             first: first.unwrap_or_default(),
                         })
                     }
@@ -386,7 +386,7 @@ impl Gateway {
     async fn relay_stream(
         &self,
         session: &mut Session,
-        mut exchange: Exchange<'_>,
+        mut exchange: Box<Exchange<'_>>,
         first: Bytes,
         wants_usage: bool,
         meter: &mut Meter,
