@@ -34,7 +34,9 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
     let (store, keys, ledger) = background.block_on(start_background(&policy))?;
 
     let conf = ServerConf {
-        threads: policy.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        threads: policy
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         grace_period_seconds: Some(policy.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(policy.shutdown_timeout.as_secs()),
         ..Default::default()

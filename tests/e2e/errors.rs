@@ -271,3 +271,56 @@ tenants:
         "provider key never logged"
     );
 }
+
+#[tokio::test]
+async fn hostile_inputs_never_break_the_gateway() {
+    let mock = MockUpstream::start("alpha").await;
+    let gw = Gateway::start(&policy(&[("alpha", mock.base_url())], ""), None).await;
+    let key = gw.create_key("acme").await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let bodies: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        b"null".to_vec(),
+        b"\"just a string\"".to_vec(),
+        deep.into_bytes(),
+        br#"{"model": "gpt-test", "messages": [{"role": "user", "content": {"nested": true}}]}"#.to_vec(),
+        br#"{"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1e400}"#.to_vec(),
+        br#"{"model": "gpt-test", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}"#.to_vec(),
+        (0..=255u8).cycle().take(70_000).collect(),
+    ];
+    for body in bodies {
+        let r = client
+            .post(&url)
+            .bearer_auth(&key)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_client_error() || r.status() == 200,
+            "{}",
+            r.status()
+        );
+        let parsed: Value = r.json().await.unwrap();
+        assert!(parsed.get("error").is_some() || parsed.get("choices").is_some());
+    }
+    // One megabyte of a single letter: linear-time counting, and the gateway still answers.
+    let hostile = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "a".repeat(1 << 20)}]});
+    let r = client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&hostile)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .get(format!("{}/healthz", gw.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
+}

@@ -446,3 +446,44 @@ async fn prompt_counts_equal_tiktoken_on_a_varied_corpus() {
         assert_eq!(row.provider_prompt_tokens, Some(row.counted_prompt_tokens));
     }
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_stops_the_fallbacks() {
+    let first = MockUpstream::start("first").await;
+    let second = MockUpstream::start("second").await;
+    first.behaviour.header_delay_ms.store(800, Ordering::SeqCst);
+    first.behaviour.always_status.store(503, Ordering::SeqCst);
+    let gw = Gateway::start(
+        &policy(
+            &[("first", first.base_url()), ("second", second.base_url())],
+            "",
+        ),
+        None,
+    )
+    .await;
+    let key = gw.create_key("acme").await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let result = client
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(&key)
+        .json(&chat("hi"))
+        .send()
+        .await;
+    assert!(result.is_err(), "the client gave up");
+
+    let row = &gw.ledger("acme", 1).await[0];
+    assert_eq!(
+        (row.status, row.outcome.as_str(), row.cost_micros),
+        (499, "client_closed", 0)
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(first.received().len(), 1);
+    assert_eq!(
+        second.received().len(),
+        0,
+        "a departed client is never retried elsewhere"
+    );
+}
