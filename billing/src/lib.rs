@@ -5,6 +5,7 @@
 //! - [`ledger`] is the row written once per request, and the background writer that batches rows.
 //! - [`store`] is the database (SQLite or Postgres): keys and the ledger.
 
+pub mod budget;
 pub mod ledger;
 pub mod price;
 pub mod store;

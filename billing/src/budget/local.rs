@@ -1,0 +1,132 @@
+//! In-process counters for a single replica (the embedded default, and the fallback of tenants
+//! that fail open when Redis is down).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::{Charge, Counters, Denied, Unavailable};
+
+/// How long a settled request id is remembered, so a repeated settle is ignored.
+const SETTLED_MEMORY_MS: i64 = 24 * 3_600_000;
+
+#[derive(Default)]
+pub struct LocalCounters {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    counters: HashMap<String, Counter>,
+    /// Request id -> when to forget it.
+    settled: HashMap<String, i64>,
+    operations: u64,
+}
+
+#[derive(Default)]
+struct Counter {
+    used: i64,
+    reserved: i64,
+    /// Request id -> (amount held, hold expiry).
+    holds: HashMap<String, (i64, i64)>,
+    window_end_ms: i64,
+}
+
+impl Counter {
+    fn release_expired(&mut self, now_ms: i64) {
+        let reserved = &mut self.reserved;
+        self.holds.retain(|_, (amount, until)| {
+            let keep = *until > now_ms;
+            if !keep {
+                *reserved -= *amount;
+            }
+            keep
+        });
+    }
+}
+
+impl State {
+    /// Drops counters of windows that ended and forgotten settle markers, now and then.
+    fn sweep(&mut self, now_ms: i64) {
+        self.operations += 1;
+        if self.operations % 1024 != 0 {
+            return;
+        }
+        self.counters
+            .retain(|_, c| c.window_end_ms > now_ms || !c.holds.is_empty());
+        self.settled.retain(|_, forget_at| *forget_at > now_ms);
+    }
+}
+
+#[async_trait]
+impl Counters for LocalCounters {
+    async fn reserve(
+        &self,
+        request_id: &str,
+        charges: &[Charge],
+        now_ms: i64,
+        hold_until_ms: i64,
+    ) -> Result<Result<Vec<i64>, Denied>, Unavailable> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.sweep(now_ms);
+        let mut rooms = Vec::with_capacity(charges.len());
+        for (index, charge) in charges.iter().enumerate() {
+            let counter = state.counters.entry(charge.counter.clone()).or_default();
+            counter.window_end_ms = charge.window_end_ms;
+            counter.release_expired(now_ms);
+            let room = charge.limit - counter.used - counter.reserved;
+            if charge.hard && charge.amount > room {
+                return Ok(Err(Denied { index, room }));
+            }
+            rooms.push(room - charge.amount);
+        }
+        for charge in charges {
+            let counter = state
+                .counters
+                .get_mut(&charge.counter)
+                .expect("created above");
+            counter.reserved += charge.amount;
+            let hold = counter
+                .holds
+                .entry(request_id.to_string())
+                .or_insert((0, hold_until_ms));
+            hold.0 += charge.amount;
+            hold.1 = hold_until_ms;
+        }
+        Ok(Ok(rooms))
+    }
+
+    async fn settle(
+        &self,
+        request_id: &str,
+        charges: &[Charge],
+        now_ms: i64,
+    ) -> Result<(), Unavailable> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state
+            .settled
+            .insert(request_id.to_string(), now_ms + SETTLED_MEMORY_MS)
+            .is_some()
+        {
+            return Ok(());
+        }
+        for charge in charges {
+            let counter = state.counters.entry(charge.counter.clone()).or_default();
+            counter.window_end_ms = charge.window_end_ms;
+            if let Some((held, _)) = counter.holds.remove(request_id) {
+                counter.reserved -= held;
+            }
+            counter.used += charge.amount;
+        }
+        Ok(())
+    }
+
+    async fn read(&self, counter: &str) -> Result<(i64, i64), Unavailable> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(state
+            .counters
+            .get(counter)
+            .map_or((0, 0), |c| (c.used, c.reserved)))
+    }
+}

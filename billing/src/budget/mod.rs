@@ -1,0 +1,82 @@
+//! Budgets and rate limits that hold exactly, across replicas.
+//!
+//! Every limit a request falls under is a [`Charge`] against a counter (one counter per limit and
+//! window). Before forwarding, the gateway *reserves* the request's worst case on all of them at
+//! once — all or nothing. Afterwards it *settles* the hold to the real amount, once per request
+//! id. A hold whose gateway died expires and is released by the next operation on its counter.
+//!
+//! [`Counters`] has two implementations with the same semantics: [`RedisCounters`] (one Lua script
+//! per operation, shared by every replica) and [`LocalCounters`] (in-process, for a single
+//! replica without Redis).
+
+mod local;
+mod redis_store;
+pub mod window;
+
+use async_trait::async_trait;
+
+pub use local::LocalCounters;
+pub use redis_store::RedisCounters;
+pub use window::{window, Period, Window};
+
+/// One limit a request is charged against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    /// Counter key, window included (e.g. `tg:{acme}:b:usd.monthly.*.*:2026-11`).
+    pub counter: String,
+    pub limit: i64,
+    /// Worst case when reserving; the real amount when settling.
+    pub amount: i64,
+    /// Hard limits refuse what does not fit; soft ones only count.
+    pub hard: bool,
+    /// When the counter's window ends (Unix ms; `i64::MAX` for totals).
+    pub window_end_ms: i64,
+}
+
+/// A reservation refused: which charge lacked room, and how much room it had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denied {
+    pub index: usize,
+    pub room: i64,
+}
+
+/// The counter store could not be reached; the tenant's failure policy decides what happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable(pub String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "budget counters unavailable: {}", self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+#[async_trait]
+pub trait Counters: Send + Sync {
+    /// Holds `amount` on every charge for `request_id` until `hold_until_ms`, or on none when a
+    /// hard charge lacks room. Calling it again for the same request adds to its hold (a stream
+    /// that outgrows its reservation). On success returns each charge's room left.
+    async fn reserve(
+        &self,
+        request_id: &str,
+        charges: &[Charge],
+        now_ms: i64,
+        hold_until_ms: i64,
+    ) -> Result<Result<Vec<i64>, Denied>, Unavailable>;
+
+    /// Releases the request's holds and adds the real amounts (`charges[i].amount`). Idempotent:
+    /// a request id is settled at most once.
+    async fn settle(
+        &self,
+        request_id: &str,
+        charges: &[Charge],
+        now_ms: i64,
+    ) -> Result<(), Unavailable>;
+
+    /// Settled amount and current holds of a counter (for reports and tests).
+    async fn read(&self, counter: &str) -> Result<(i64, i64), Unavailable>;
+}
+
+#[cfg(test)]
+mod tests;
