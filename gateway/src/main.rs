@@ -3,6 +3,7 @@
 mod cli;
 mod config;
 mod keys;
+mod limits;
 mod proxy;
 mod serve;
 

@@ -43,10 +43,12 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
+    let limits = Arc::new(crate::limits::Limits::new(&policy)?);
     let state = Arc::new(AppState {
         policy: policy.clone(),
         keys,
         ledger: ledger.clone(),
+        limits,
     });
     let mut service =
         pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state));

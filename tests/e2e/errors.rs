@@ -213,6 +213,7 @@ models:
     targets: [{{ backend: down, model: d }}, {{ backend: broken, model: b }}]
 tenants:
   - name: acme
+    allow_unpriced: true
 "#,
         slow = slow.base_url(),
         broken = broken.base_url()

@@ -50,7 +50,7 @@ impl State {
     /// Drops counters of windows that ended and forgotten settle markers, now and then.
     fn sweep(&mut self, now_ms: i64) {
         self.operations += 1;
-        if self.operations % 1024 != 0 {
+        if !self.operations.is_multiple_of(1024) {
             return;
         }
         self.counters

@@ -15,6 +15,7 @@ pub mod window;
 
 use async_trait::async_trait;
 
+pub use chrono_tz::Tz;
 pub use local::LocalCounters;
 pub use redis_store::RedisCounters;
 pub use window::{window, Period, Window};

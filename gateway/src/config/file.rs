@@ -2,6 +2,7 @@
 //! Unknown keys are errors everywhere (`deny_unknown_fields`), so a typo never passes silently.
 
 use serde::Deserialize;
+use tollgate_billing::budget::Period;
 use tollgate_billing::tokens::Tokenizer;
 
 #[derive(Debug, Deserialize)]
@@ -22,6 +23,12 @@ pub struct PolicyFile {
     /// How often the key cache picks up keys created or revoked elsewhere.
     #[serde(default = "default_key_refresh_ms")]
     pub key_refresh_ms: u64,
+    /// How long a budget reservation lives without being settled (a gateway that died).
+    #[serde(default = "default_reservation_ttl_secs")]
+    pub reservation_ttl_secs: u64,
+    /// Longest wait for Redis before the tenant's `on_redis_down` policy applies.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
     /// Worker threads for the data plane (default: one per core).
     #[serde(default)]
     pub threads: Option<usize>,
@@ -115,6 +122,87 @@ pub struct TenantSection {
     /// Models this tenant may use; all models when absent.
     #[serde(default)]
     pub models: Option<Vec<String>>,
+    /// IANA time zone in which daily, weekly and monthly budgets reset.
+    #[serde(default = "default_time_zone")]
+    pub time_zone: String,
+    #[serde(default)]
+    pub budgets: Vec<BudgetSection>,
+    /// Requests per minute for the whole tenant.
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    /// Tokens (prompt + output) per minute for the whole tenant.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Per-key rate limits, by key id.
+    #[serde(default)]
+    pub key_limits: Vec<KeyLimitSection>,
+    /// Output tokens reserved when a request sets no `max_tokens`; non-streamed requests are
+    /// sent upstream with this cap so that the reservation bounds them.
+    #[serde(default = "default_output_tokens")]
+    pub default_output_tokens: u64,
+    /// A stream that outgrows its reservation when the budget has no room left: `cut` ends it
+    /// with an error event, `finish` lets it complete (the budget may overshoot by that stream).
+    #[serde(default)]
+    pub on_exhausted: OnExhausted,
+    /// When Redis is unreachable: `fail_closed` refuses requests that have limits (503);
+    /// `fail_open` enforces them with this replica's own counters.
+    #[serde(default)]
+    pub on_redis_down: OnRedisDown,
+    /// Serve models without a price (billed at zero). Refused by default.
+    #[serde(default)]
+    pub allow_unpriced: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSection {
+    #[serde(default)]
+    pub limit_usd: Option<f64>,
+    #[serde(default)]
+    pub limit_tokens: Option<u64>,
+    pub period: Period,
+    #[serde(default)]
+    pub mode: BudgetMode,
+    /// Only requests made with this key id.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Only requests for this model.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimitSection {
+    pub key: String,
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    #[serde(default)]
+    pub tpm: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetMode {
+    #[default]
+    Hard,
+    Soft,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExhausted {
+    #[default]
+    Cut,
+    Finish,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRedisDown {
+    #[default]
+    FailClosed,
+    FailOpen,
 }
 
 impl Default for LedgerSection {
@@ -171,4 +259,16 @@ fn default_read_timeout_ms() -> u64 {
 }
 fn default_tokenizer() -> Tokenizer {
     Tokenizer::O200kBase
+}
+fn default_reservation_ttl_secs() -> u64 {
+    900
+}
+fn default_redis_timeout_ms() -> u64 {
+    250
+}
+fn default_time_zone() -> String {
+    "UTC".into()
+}
+fn default_output_tokens() -> u64 {
+    4096
 }

@@ -15,9 +15,10 @@ use serde::de::DeserializeOwned;
 use tollgate_billing::price::Price;
 use tollgate_billing::tokens::Tokenizer;
 
-pub use file::PolicyFile;
-use file::{BackendSection, ModelSection, PriceSection, TenantSection};
+use file::{BackendSection, BudgetSection, ModelSection, PriceSection, TenantSection};
+pub use file::{BudgetMode, OnExhausted, OnRedisDown, PolicyFile};
 use positions::PositionIndex;
+use tollgate_billing::budget::{Period, Tz};
 
 /// One problem in a policy file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +72,9 @@ impl std::error::Error for ConfigErrors {}
 pub struct Policy {
     pub listen: Vec<SocketAddr>,
     pub database_url: String,
+    pub redis_url: Option<String>,
+    pub redis_timeout: Duration,
+    pub reservation_ttl: Duration,
     pub max_body_bytes: usize,
     pub key_refresh: Duration,
     pub threads: Option<usize>,
@@ -106,6 +110,7 @@ pub struct Model {
     pub name: String,
     pub tokenizer: Tokenizer,
     pub price: Price,
+    pub priced: bool,
     pub targets: Vec<Target>,
 }
 
@@ -117,8 +122,72 @@ pub struct Target {
 
 #[derive(Debug)]
 pub struct Tenant {
+    pub name: String,
     /// `None`: every model.
     pub models: Option<HashSet<String>>,
+    pub time_zone: Tz,
+    pub budgets: Vec<Budget>,
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    /// Key id -> (rpm, tpm).
+    pub key_limits: HashMap<String, (Option<i64>, Option<i64>)>,
+    pub default_output_tokens: u64,
+    pub on_exhausted: OnExhausted,
+    pub on_redis_down: OnRedisDown,
+    pub allow_unpriced: bool,
+}
+
+impl Tenant {
+    /// Whether any limit applies to this tenant's requests (and so counters must be consulted).
+    pub fn has_limits(&self) -> bool {
+        !self.budgets.is_empty()
+            || self.rpm.is_some()
+            || self.tpm.is_some()
+            || !self.key_limits.is_empty()
+    }
+}
+
+/// What a budget measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// Cost in micro-dollars.
+    Usd,
+    /// Prompt plus output tokens.
+    Tokens,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    pub metric: Metric,
+    /// Micro-dollars or tokens.
+    pub limit: i64,
+    pub period: Period,
+    pub hard: bool,
+    pub key: Option<String>,
+    pub model: Option<String>,
+}
+
+impl Budget {
+    /// Identity of the budget's counter: stable when only its limit changes, so raising a limit
+    /// mid-period keeps what was spent.
+    pub fn ident(&self) -> String {
+        let metric = match self.metric {
+            Metric::Usd => "usd",
+            Metric::Tokens => "tokens",
+        };
+        let period = match self.period {
+            Period::Minute => "minute",
+            Period::Daily => "daily",
+            Period::Weekly => "weekly",
+            Period::Monthly => "monthly",
+            Period::Total => "total",
+        };
+        format!(
+            "{metric}.{period}.k={}.m={}",
+            self.key.as_deref().unwrap_or("*"),
+            self.model.as_deref().unwrap_or("*")
+        )
+    }
 }
 
 impl Policy {
@@ -413,6 +482,7 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
             name: m.name.clone(),
             tokenizer: m.tokenizer,
             price: price.unwrap_or_default(),
+            priced: price.is_some(),
             targets,
         }));
     }
@@ -440,12 +510,71 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
             }
         }
         let models = t.models.as_ref().map(|list| list.iter().cloned().collect());
-        tenants.insert(t.name.clone(), Tenant { models });
+        let time_zone = t.time_zone.parse::<Tz>().unwrap_or_else(|_| {
+            errors.add(
+                format!("{at}.time_zone"),
+                format!(
+                    "unknown time zone `{}` (use an IANA name such as Europe/Paris)",
+                    t.time_zone
+                ),
+            );
+            Tz::UTC
+        });
+        let budgets = t
+            .budgets
+            .iter()
+            .enumerate()
+            .filter_map(|(j, b)| {
+                convert_budget(b, &format!("{at}.budgets[{j}]"), &file.models, errors)
+            })
+            .collect();
+        let positive = |value: Option<u64>, path: String, errors: &mut Errors| match value {
+            Some(0) => {
+                errors.add(path, "must be at least 1 (omit it for no limit)");
+                None
+            }
+            other => other.map(|v| v.min(i64::MAX as u64) as i64),
+        };
+        let rpm = positive(t.rpm, format!("{at}.rpm"), errors);
+        let tpm = positive(t.tpm, format!("{at}.tpm"), errors);
+        let mut key_limits = HashMap::new();
+        for (j, k) in t.key_limits.iter().enumerate() {
+            let limits = (
+                positive(k.rpm, format!("{at}.key_limits[{j}].rpm"), errors),
+                positive(k.tpm, format!("{at}.key_limits[{j}].tpm"), errors),
+            );
+            if key_limits.insert(k.key.clone(), limits).is_some() {
+                errors.add(
+                    format!("{at}.key_limits[{j}].key"),
+                    format!("duplicate key `{}`", k.key),
+                );
+            }
+        }
+        if t.default_output_tokens == 0 {
+            errors.add(format!("{at}.default_output_tokens"), "must be at least 1");
+        }
+        let tenant = Tenant {
+            name: t.name.clone(),
+            models,
+            time_zone,
+            budgets,
+            rpm,
+            tpm,
+            key_limits,
+            default_output_tokens: t.default_output_tokens,
+            on_exhausted: t.on_exhausted,
+            on_redis_down: t.on_redis_down,
+            allow_unpriced: t.allow_unpriced,
+        };
+        tenants.insert(t.name.clone(), tenant);
     }
 
     Some(Policy {
         listen,
         database_url: file.database_url,
+        redis_url: file.redis_url,
+        redis_timeout: Duration::from_millis(file.redis_timeout_ms.max(1)),
+        reservation_ttl: Duration::from_secs(file.reservation_ttl_secs.max(1)),
         max_body_bytes: file.max_body_bytes as usize,
         key_refresh: Duration::from_millis(file.key_refresh_ms.max(50)),
         threads: file.threads,
@@ -458,6 +587,52 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
         models,
         tenants,
         warnings,
+    })
+}
+
+fn convert_budget(
+    b: &BudgetSection,
+    at: &str,
+    models: &[ModelSection],
+    errors: &mut Errors,
+) -> Option<Budget> {
+    let (metric, limit) = match (b.limit_usd, b.limit_tokens) {
+        (Some(usd), None) => match Price::usd_per_million_to_micros(usd) {
+            // The conversion helper scales by 1e6: USD -> micro-dollars.
+            Some(micros) => (Metric::Usd, micros.min(i64::MAX as u64) as i64),
+            None => {
+                errors.add(
+                    format!("{at}.limit_usd"),
+                    "must be a non-negative amount of USD",
+                );
+                return None;
+            }
+        },
+        (None, Some(tokens)) => (Metric::Tokens, tokens.min(i64::MAX as u64) as i64),
+        _ => {
+            errors.add(at, "set exactly one of `limit_usd` and `limit_tokens`");
+            return None;
+        }
+    };
+    if b.period == Period::Minute {
+        errors.add(
+            format!("{at}.period"),
+            "budgets are daily, weekly, monthly or total; use `rpm`/`tpm` for per-minute limits",
+        );
+        return None;
+    }
+    if let Some(model) = &b.model {
+        if !models.iter().any(|m| &m.name == model) {
+            errors.add(format!("{at}.model"), format!("unknown model `{model}`"));
+        }
+    }
+    Some(Budget {
+        metric,
+        limit,
+        period: b.period,
+        hard: b.mode == BudgetMode::Hard,
+        key: b.key.clone(),
+        model: b.model.clone(),
     })
 }
 

@@ -11,6 +11,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub param: Option<&'static str>,
+    /// Seconds, sent as `retry-after` (429s).
+    pub retry_after: Option<i64>,
 }
 
 impl ApiError {
@@ -26,6 +28,7 @@ impl ApiError {
             code,
             message: message.into(),
             param: None,
+            retry_after: None,
         }
     }
 
@@ -101,6 +104,41 @@ impl ApiError {
             "request_too_large",
             format!("The request body exceeds the limit of {limit} bytes."),
         )
+    }
+
+    pub fn budget_exceeded(message: String, retry_after: i64) -> Self {
+        let mut error = Self::new(429, "budget_exceeded", "budget_exceeded", message);
+        error.retry_after = Some(retry_after.max(1));
+        error
+    }
+
+    /// OpenAI's shape for rate limits: type `requests` or `tokens`.
+    pub fn rate_limited(message: String, requests: bool, retry_after: i64) -> Self {
+        let kind = if requests { "requests" } else { "tokens" };
+        let mut error = Self::new(429, kind, "rate_limit_exceeded", message);
+        error.retry_after = Some(retry_after.max(1));
+        error
+    }
+
+    pub fn limits_unavailable() -> Self {
+        let mut error = Self::new(
+            503,
+            "service_unavailable",
+            "limits_unavailable",
+            "Budget counters are unreachable and this tenant's policy is to refuse requests meanwhile.",
+        );
+        error.retry_after = Some(1);
+        error
+    }
+
+    pub fn unpriced_model(model: &str) -> Self {
+        Self::new(
+            403,
+            "invalid_request_error",
+            "model_unpriced",
+            format!("The model `{model}` has no price, and this tenant's policy refuses unpriced models."),
+        )
+        .with_param("model")
     }
 
     pub fn bad_gateway(message: impl Into<String>) -> Self {

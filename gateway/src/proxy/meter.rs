@@ -38,6 +38,11 @@ impl Meter {
         self.counted_completion = self.tokenizer.count(text) as u64;
     }
 
+    /// What the request is billed for (and its budgets settled with).
+    pub fn billed_usage(&self) -> Usage {
+        self.billed().0
+    }
+
     /// Billed usage: the provider's report when it covers the request, else the gateway's count.
     fn billed(&self) -> (Usage, &'static str) {
         if !self.served {

@@ -27,8 +27,9 @@ use tollgate_billing::ledger::LedgerSender;
 use tollgate_billing::price::Price;
 use tollgate_billing::tokens::Tokenizer;
 
-use crate::config::{Model, Policy};
+use crate::config::{Model, OnExhausted, Policy, Tenant};
 use crate::keys::{KeyCache, KeyInfo};
+use crate::limits::{Admission, Limits};
 use error::ApiError;
 use meter::Meter;
 use request::{ClientRequest, Endpoint};
@@ -45,6 +46,7 @@ pub struct AppState {
     pub policy: Arc<Policy>,
     pub keys: Arc<KeyCache>,
     pub ledger: LedgerSender,
+    pub limits: Arc<Limits>,
 }
 
 pub struct Gateway {
@@ -199,12 +201,21 @@ impl Gateway {
             outcome: "rejected",
             served: false,
         };
-        if let Err(error) = self.proxy_metered(session, endpoint, &mut meter).await {
+        let mut admission = None;
+        if let Err(error) = self
+            .proxy_metered(session, endpoint, &mut meter, &mut admission)
+            .await
+        {
             meter.status = error.status;
-            if error.status >= 500 {
+            if error.status >= 500 && error.status != 503 {
                 meter.outcome = "upstream_error";
             }
             send_error(session, &error, &meter.request_id).await;
+        }
+        if let Some(admission) = admission {
+            self.state
+                .limits
+                .settle(admission, meter.request_id.clone(), meter.billed_usage());
         }
         self.state.ledger.record(meter.into_row());
     }
@@ -214,6 +225,7 @@ impl Gateway {
         session: &mut Session,
         endpoint: Endpoint,
         meter: &mut Meter,
+        admission: &mut Option<Admission>,
     ) -> Result<(), ApiError> {
         let policy = self.state.policy.clone();
         let body = read_body(session, policy.max_body_bytes).await?;
@@ -230,8 +242,41 @@ impl Gateway {
         meter.price = model.price;
         meter.counted_prompt = request.count_prompt_tokens(model.tokenizer) as u64;
 
+        let tenant = policy
+            .tenants
+            .get(&meter.tenant)
+            .ok_or_else(ApiError::invalid_key)?;
+        if !model.priced && !tenant.allow_unpriced {
+            return Err(ApiError::unpriced_model(&model.name));
+        }
+        let output_cap = match endpoint {
+            Endpoint::Embeddings => 0,
+            _ => request
+                .max_output_tokens()
+                .unwrap_or(tenant.default_output_tokens),
+        };
+        let granted = self
+            .state
+            .limits
+            .admit(
+                tenant,
+                &meter.key_id,
+                &model.name,
+                &meter.request_id,
+                meter.counted_prompt,
+                output_cap.saturating_mul(request.choices()),
+                model.price,
+            )
+            .await?;
+        // A non-streamed answer cannot be cut: bound it upstream so the reservation holds.
+        let inject_cap =
+            (granted.is_limited() && endpoint != Endpoint::Embeddings && !request.stream)
+                .then_some(output_cap);
+        let headers = granted.headers();
+        let admission = admission.insert(granted);
+
         let chosen = tokio::select! {
-            chosen = self.choose(&request, &model, meter) => Some(chosen?),
+            chosen = self.choose(&request, &model, meter, inject_cap) => Some(chosen?),
             () = client_gone(session) => None,
         };
         match chosen {
@@ -245,11 +290,19 @@ impl Gateway {
                 retry_after,
                 body,
             }) => {
-                self.send_whole(session, status, content_type, retry_after, body, meter)
+                let mut extra = headers;
+                extra.extend(retry_after.map(|v| ("retry-after", v)));
+                self.send_whole(session, status, content_type, body, meter, &extra)
                     .await
             }
             Some(Chosen::Stream { exchange, first }) => {
-                self.relay_stream(session, exchange, first, request.wants_usage, meter)
+                let flight = Flight {
+                    admission,
+                    tenant,
+                    headers: &headers,
+                    wants_usage: request.wants_usage,
+                };
+                self.relay_stream(session, exchange, first, flight, meter)
                     .await
             }
         }
@@ -263,6 +316,7 @@ impl Gateway {
         request: &ClientRequest,
         model: &Model,
         meter: &mut Meter,
+        inject_cap: Option<u64>,
     ) -> Result<Chosen<'a>, ApiError> {
         let mut last_error = None;
         for (i, target) in model.targets.iter().enumerate() {
@@ -270,7 +324,7 @@ impl Gateway {
             meter.attempts += 1;
             meter.backend = Some(target.backend.name.clone());
             meter.upstream_model = Some(target.upstream_model.clone());
-            let body = request.upstream_body(&target.upstream_model);
+            let body = request.upstream_body(&target.upstream_model, inject_cap);
             let suffix = request.endpoint.upstream_suffix();
             let mut exchange = match self
                 .upstreams
@@ -347,9 +401,9 @@ impl Gateway {
         session: &mut Session,
         status: u16,
         content_type: Option<String>,
-        retry_after: Option<String>,
         body: Bytes,
         meter: &mut Meter,
+        extra: &[(&str, String)],
     ) {
         meter.status = status;
         if (200..300).contains(&status) {
@@ -365,17 +419,13 @@ impl Gateway {
             meter.outcome = "upstream_error";
         }
         let content_type = content_type.unwrap_or_else(|| "application/json".into());
-        let extra: Vec<(&str, String)> = retry_after
-            .into_iter()
-            .map(|v| ("retry-after", v))
-            .collect();
         if !write_whole(
             session,
             status,
             &content_type,
             body,
             &meter.request_id,
-            &extra,
+            extra,
         )
         .await
         {
@@ -383,12 +433,15 @@ impl Gateway {
         }
     }
 
+    /// Relays a stream event by event. Output beyond the reservation is reserved as it comes;
+    /// when the budget has no room for it, the stream is cut (or finished, per policy) and the
+    /// tenant billed exactly what was delivered.
     async fn relay_stream(
         &self,
         session: &mut Session,
         mut exchange: Box<Exchange<'_>>,
         first: Bytes,
-        wants_usage: bool,
+        mut flight: Flight<'_>,
         meter: &mut Meter,
     ) {
         meter.status = 200;
@@ -403,6 +456,9 @@ impl Gateway {
         if chunked {
             let _ = header.insert_header("transfer-encoding", "chunked");
         }
+        for (name, value) in flight.headers {
+            let _ = header.insert_header(name.to_string(), value.as_str());
+        }
         if session
             .write_response_header(Box::new(header), false)
             .await
@@ -412,10 +468,29 @@ impl Gateway {
             exchange.finish().await;
             return;
         }
-        let mut relay = SseRelay::new(!wants_usage);
+        let mut relay = SseRelay::new(!flight.wants_usage);
+        // Generated text up to here reached the client; its tokens as counted chunk by chunk.
+        let mut delivered_end = 0;
+        let mut delivered_tokens = 0u64;
         let mut chunk = first;
         loop {
             let out = relay.push(&chunk);
+            let fresh = &relay.generated_text[delivered_end..];
+            if !fresh.is_empty() && flight.admission.is_limited() {
+                let tokens = meter.tokenizer.count(fresh) as u64;
+                if !self
+                    .cover_output(&mut flight, meter, delivered_tokens + tokens)
+                    .await
+                {
+                    meter.outcome = "budget_cut";
+                    let event = format!("data: {}\n\ndata: [DONE]\n\n", budget_cut_event());
+                    let _ = session
+                        .write_response_body(Some(Bytes::from(event)), true)
+                        .await;
+                    break;
+                }
+                delivered_tokens += tokens;
+            }
             if !out.is_empty() {
                 if session.write_response_body(Some(out), false).await.is_err() {
                     meter.outcome = "client_closed";
@@ -425,6 +500,7 @@ impl Gateway {
                     .first_byte
                     .get_or_insert_with(|| meter.started.elapsed());
             }
+            delivered_end = relay.generated_text.len();
             match exchange.read().await {
                 Ok(Some(next)) => chunk = next,
                 Ok(None) => {
@@ -433,6 +509,7 @@ impl Gateway {
                     if session.write_response_body(tail, true).await.is_err() {
                         meter.outcome = "client_closed";
                     }
+                    delivered_end = relay.generated_text.len();
                     break;
                 }
                 Err(error) => {
@@ -449,10 +526,58 @@ impl Gateway {
                 }
             }
         }
-        meter.provider = relay.usage;
-        meter.count_completion(&relay.generated_text);
+        // A stream cut or abandoned before its end is billed on what was delivered.
+        meter.provider = if meter.outcome == "ok" {
+            relay.usage
+        } else {
+            None
+        };
+        meter.count_completion(&relay.generated_text[..delivered_end]);
         exchange.finish().await;
     }
+
+    /// Makes sure the reservation covers `needed` output tokens, extending it if it must.
+    /// False when the budget has no room and the tenant's policy is to cut.
+    async fn cover_output(&self, flight: &mut Flight<'_>, meter: &Meter, needed: u64) -> bool {
+        let admission = &mut *flight.admission;
+        if needed <= admission.reserved_output {
+            return true;
+        }
+        let missing = needed - admission.reserved_output;
+        // Reserve ahead in generous steps, falling back to just what is missing.
+        let step = missing.max(admission.reserved_output / 2).max(256);
+        for amount in [step, missing] {
+            if self
+                .state
+                .limits
+                .extend(admission, &meter.request_id, amount)
+                .await
+            {
+                return true;
+            }
+        }
+        match flight.tenant.on_exhausted {
+            OnExhausted::Cut => false,
+            OnExhausted::Finish => {
+                admission.reserved_output = u64::MAX;
+                true
+            }
+        }
+    }
+}
+
+/// What a streamed request carries besides its meter.
+struct Flight<'a> {
+    admission: &'a mut Admission,
+    tenant: &'a Tenant,
+    headers: &'a [(&'static str, String)],
+    wants_usage: bool,
+}
+
+fn budget_cut_event() -> Value {
+    json!({"error": {
+        "message": "The budget has no room for more output; the response was cut here and billed up to this point.",
+        "type": "budget_exceeded", "param": null, "code": "budget_exceeded"}})
 }
 
 /// Reads the request body, refusing it past `limit`. An oversized body is still read (up to a
@@ -532,13 +657,18 @@ async fn write_whole(
 }
 
 async fn send_error(session: &mut Session, error: &ApiError, request_id: &str) {
+    let extra: Vec<(&str, String)> = error
+        .retry_after
+        .map(|s| ("retry-after", s.to_string()))
+        .into_iter()
+        .collect();
     write_whole(
         session,
         error.status,
         "application/json",
         error.body(),
         request_id,
-        &[],
+        &extra,
     )
     .await;
 }

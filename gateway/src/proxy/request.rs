@@ -148,11 +148,31 @@ impl ClientRequest {
         }
     }
 
-    /// The body for one upstream: `model` rewritten, and for streams usage requested from the
-    /// provider so that the ledger bills the provider's own count.
-    pub fn upstream_body(&self, upstream_model: &str) -> Bytes {
+    /// The client's own output cap (`max_completion_tokens` or `max_tokens`), per choice.
+    pub fn max_output_tokens(&self) -> Option<u64> {
+        ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| self.body.get(*k).and_then(Value::as_u64))
+    }
+
+    /// Number of choices asked for (`n`); each may produce up to the output cap.
+    pub fn choices(&self) -> u64 {
+        self.body
+            .get("n")
+            .and_then(Value::as_u64)
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// The body for one upstream: `model` rewritten, for streams usage requested from the
+    /// provider (so the ledger bills the provider's own count), and `max_tokens` set to
+    /// `output_cap` when the client set none (so a reservation bounds the output).
+    pub fn upstream_body(&self, upstream_model: &str, output_cap: Option<u64>) -> Bytes {
         let mut body = self.body.clone();
         body.insert("model".into(), Value::String(upstream_model.to_string()));
+        if let Some(cap) = output_cap.filter(|_| self.max_output_tokens().is_none()) {
+            body.insert("max_tokens".into(), Value::from(cap));
+        }
         if self.stream {
             let options = body
                 .entry("stream_options")
@@ -291,7 +311,8 @@ mod tests {
         let body = r#"{"model":"public","messages":[{"role":"user","content":"hi"}],"stream":true,"temperature":0.7}"#;
         let request = parse(Endpoint::ChatCompletions, body).unwrap();
         assert!(request.stream && !request.wants_usage);
-        let upstream: Value = serde_json::from_slice(&request.upstream_body("private")).unwrap();
+        let upstream: Value =
+            serde_json::from_slice(&request.upstream_body("private", None)).unwrap();
         assert_eq!(upstream["model"], "private");
         assert_eq!(upstream["stream_options"]["include_usage"], true);
         assert_eq!(upstream["temperature"], 0.7);

@@ -184,8 +184,25 @@ async fn handle(
     }
 
     let chat = path.ends_with("/chat/completions");
-    let n_chunks = b.stream_chunks.load(Ordering::SeqCst);
-    let words = mock.words(n_chunks);
+    // Like a real model asked for a long answer: with `max_tokens`, exactly that many tokens
+    // (" hello" is one token), in up to 8 chunks; without, the mock's own words.
+    let words = match request["max_tokens"]
+        .as_u64()
+        .or(request["max_completion_tokens"].as_u64())
+    {
+        Some(max) => {
+            let per_chunk = (max as usize).div_ceil(8).max(1);
+            let mut left = max as usize;
+            let mut chunks = Vec::new();
+            while left > 0 {
+                let n = per_chunk.min(left);
+                chunks.push(" hello".repeat(n));
+                left -= n;
+            }
+            chunks
+        }
+        None => mock.words(b.stream_chunks.load(Ordering::SeqCst)),
+    };
     let text: String = words.concat();
     let completion = count(&text);
     mock.completion_tokens_served

@@ -1,0 +1,475 @@
+//! Enforcing budgets and rate limits on the request path.
+//!
+//! [`Limits::admit`] turns the tenant's policy into [`Charge`]s for this request (its worst case:
+//! counted prompt plus the output cap, at the model's price), reserves them all at once, and
+//! answers 429 when a hard limit lacks room. [`Admission`] then travels with the request: a
+//! stream that outgrows it asks [`Limits::extend`], and the end of the request [`Limits::settle`]s
+//! it to what was really used.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tollgate_billing::budget::{window, Charge, Counters, LocalCounters, Period, RedisCounters};
+use tollgate_billing::price::{Price, Usage};
+
+use crate::config::{Metric, OnRedisDown, Policy, Tenant};
+use crate::proxy::error::ApiError;
+
+/// What a counter measures, for headers and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Measure {
+    Micros,
+    Tokens,
+    Requests,
+}
+
+#[derive(Debug, Clone)]
+struct Planned {
+    charge: Charge,
+    measure: Measure,
+    /// Per-minute rate limit (rather than a budget).
+    rate: bool,
+    /// Human description, e.g. "monthly USD budget".
+    label: String,
+}
+
+/// A request's reservation.
+pub struct Admission {
+    planned: Vec<Planned>,
+    /// Room left on each charge after the reservation.
+    rooms: Vec<i64>,
+    /// Output tokens covered by the reservation so far.
+    pub reserved_output: u64,
+    price: Price,
+    /// Fell back to this replica's counters because Redis was down.
+    local: bool,
+}
+
+impl Admission {
+    fn none(price: Price) -> Admission {
+        Admission {
+            planned: Vec::new(),
+            rooms: Vec::new(),
+            reserved_output: u64::MAX,
+            price,
+            local: false,
+        }
+    }
+
+    /// Whether anything was reserved (a request under no limit has nothing to settle).
+    pub fn is_limited(&self) -> bool {
+        !self.planned.is_empty()
+    }
+
+    /// `x-ratelimit-*` and `x-tollgate-budget-remaining` headers.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::new();
+        let tightest = |measure: Measure, rate: bool| {
+            self.planned
+                .iter()
+                .zip(&self.rooms)
+                .filter(|(p, _)| p.measure == measure && p.rate == rate)
+                .min_by_key(|(_, room)| **room)
+                .map(|(p, room)| (p.charge.limit, (*room).max(0), p.charge.window_end_ms))
+        };
+        let now = now_ms();
+        if let Some((limit, room, end)) = tightest(Measure::Requests, true) {
+            headers.push(("x-ratelimit-limit-requests", limit.to_string()));
+            headers.push(("x-ratelimit-remaining-requests", room.to_string()));
+            headers.push((
+                "x-ratelimit-reset-requests",
+                format!("{}s", seconds_until(end, now)),
+            ));
+        }
+        if let Some((limit, room, end)) = tightest(Measure::Tokens, true) {
+            headers.push(("x-ratelimit-limit-tokens", limit.to_string()));
+            headers.push(("x-ratelimit-remaining-tokens", room.to_string()));
+            headers.push((
+                "x-ratelimit-reset-tokens",
+                format!("{}s", seconds_until(end, now)),
+            ));
+        }
+        if let Some((_, room, _)) = tightest(Measure::Micros, false) {
+            headers.push(("x-tollgate-budget-remaining", format_usd(room)));
+        }
+        headers
+    }
+}
+
+pub struct Limits {
+    shared: Option<RedisCounters>,
+    local: LocalCounters,
+    hold: Duration,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn seconds_until(end_ms: i64, now: i64) -> i64 {
+    if end_ms == i64::MAX {
+        return 0;
+    }
+    ((end_ms - now).max(0) + 999) / 1000
+}
+
+fn format_usd(micros: i64) -> String {
+    format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
+}
+
+/// The charges a request makes, at `now_ms`: one per applicable budget and rate limit.
+fn plan(
+    tenant: &Tenant,
+    key_id: &str,
+    model: &str,
+    now_ms: i64,
+    usage: Usage,
+    price: Price,
+) -> Vec<Planned> {
+    let tokens = (usage.prompt + usage.completion).min(i64::MAX as u64) as i64;
+    let cost = price.cost_micros(usage).min(i64::MAX as u64) as i64;
+    let tag = &tenant.name;
+    let mut planned = Vec::new();
+    for budget in &tenant.budgets {
+        if budget.key.as_deref().is_some_and(|k| k != key_id)
+            || budget.model.as_deref().is_some_and(|m| m != model)
+        {
+            continue;
+        }
+        let w = window(budget.period, tenant.time_zone, now_ms);
+        let (measure, amount, unit) = match budget.metric {
+            Metric::Usd => (Measure::Micros, cost, "USD"),
+            Metric::Tokens => (Measure::Tokens, tokens, "token"),
+        };
+        let period = format!("{:?}", budget.period).to_lowercase();
+        planned.push(Planned {
+            charge: Charge {
+                counter: format!("tg:{{{tag}}}:b:{}:{}", budget.ident(), w.label),
+                limit: budget.limit,
+                amount,
+                hard: budget.hard,
+                window_end_ms: w.end_ms,
+            },
+            measure,
+            rate: false,
+            label: format!("{period} {unit} budget"),
+        });
+    }
+    let minute = window(Period::Minute, tenant.time_zone, now_ms);
+    let key_limits = tenant.key_limits.get(key_id).copied().unwrap_or_default();
+    let rates = [
+        ("tenant", "*", tenant.rpm, tenant.tpm),
+        ("key", key_id, key_limits.0, key_limits.1),
+    ];
+    for (scope, who, rpm, tpm) in rates {
+        let mut rate = |name: &str, limit: Option<i64>, amount: i64, measure: Measure| {
+            if let Some(limit) = limit {
+                planned.push(Planned {
+                    charge: Charge {
+                        counter: format!("tg:{{{tag}}}:{name}:{who}:{}", minute.label),
+                        limit,
+                        amount,
+                        hard: true,
+                        window_end_ms: minute.end_ms,
+                    },
+                    measure,
+                    rate: true,
+                    label: format!("{scope} {} limit", name.to_uppercase()),
+                });
+            }
+        };
+        rate("rpm", rpm, 1, Measure::Requests);
+        rate("tpm", tpm, tokens, Measure::Tokens);
+    }
+    planned
+}
+
+impl Limits {
+    pub fn new(policy: &Policy) -> anyhow::Result<Limits> {
+        let shared = match &policy.redis_url {
+            Some(url) => Some(RedisCounters::new(url, policy.redis_timeout)?),
+            None => None,
+        };
+        Ok(Limits {
+            shared,
+            local: LocalCounters::default(),
+            hold: policy.reservation_ttl,
+        })
+    }
+
+    fn store(&self, local: bool) -> &dyn Counters {
+        match (&self.shared, local) {
+            (Some(redis), false) => redis,
+            _ => &self.local,
+        }
+    }
+
+    /// Reserves the worst case of a request, or says why it may not proceed.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn admit(
+        &self,
+        tenant: &Tenant,
+        key_id: &str,
+        model: &str,
+        request_id: &str,
+        prompt_tokens: u64,
+        output_tokens: u64,
+        price: Price,
+    ) -> Result<Admission, ApiError> {
+        if !tenant.has_limits() {
+            return Ok(Admission::none(price));
+        }
+        let now = now_ms();
+        let worst = Usage {
+            prompt: prompt_tokens,
+            cached: 0,
+            completion: output_tokens,
+        };
+        let planned = plan(tenant, key_id, model, now, worst, price);
+        if planned.is_empty() {
+            return Ok(Admission::none(price));
+        }
+        let charges: Vec<Charge> = planned.iter().map(|p| p.charge.clone()).collect();
+        let hold_until = now + self.hold.as_millis() as i64;
+        let mut local = false;
+        let result = match self
+            .store(false)
+            .reserve(request_id, &charges, now, hold_until)
+            .await
+        {
+            Ok(result) => result,
+            Err(unavailable) => match tenant.on_redis_down {
+                OnRedisDown::FailClosed => {
+                    tracing::warn!(tenant = %tenant.name, "{unavailable}; refusing (fail_closed)");
+                    return Err(ApiError::limits_unavailable());
+                }
+                OnRedisDown::FailOpen => {
+                    tracing::warn!(tenant = %tenant.name, "{unavailable}; using this replica's counters (fail_open)");
+                    local = true;
+                    self.local
+                        .reserve(request_id, &charges, now, hold_until)
+                        .await
+                        .map_err(|_| ApiError::limits_unavailable())?
+                }
+            },
+        };
+        match result {
+            Ok(rooms) => Ok(Admission {
+                planned,
+                rooms,
+                reserved_output: output_tokens,
+                price,
+                local,
+            }),
+            Err(denied) => {
+                let p = &planned[denied.index];
+                let retry_after = seconds_until(p.charge.window_end_ms, now);
+                let room = denied.room.max(0);
+                let (needed, left) = match p.measure {
+                    Measure::Micros => (
+                        format!("${}", format_usd(p.charge.amount)),
+                        format!("${}", format_usd(room)),
+                    ),
+                    Measure::Tokens => (
+                        format!("{} tokens", p.charge.amount),
+                        format!("{room} tokens"),
+                    ),
+                    Measure::Requests => ("1 request".to_string(), format!("{room} requests")),
+                };
+                let message = format!(
+                    "The {} of tenant `{}` has {left} left; this request may need up to {needed}.",
+                    p.label, tenant.name
+                );
+                Err(if p.rate {
+                    ApiError::rate_limited(message, p.measure == Measure::Requests, retry_after)
+                } else {
+                    ApiError::budget_exceeded(message, retry_after)
+                })
+            }
+        }
+    }
+
+    /// Reserves `extra_output` more output tokens for a request that outgrew its reservation,
+    /// on the same counters (windows stay those of the request's start).
+    pub async fn extend(
+        &self,
+        admission: &mut Admission,
+        request_id: &str,
+        extra_output: u64,
+    ) -> bool {
+        if !admission.is_limited() {
+            return true;
+        }
+        let extra = Usage {
+            prompt: 0,
+            cached: 0,
+            completion: extra_output,
+        };
+        let cost = admission.price.cost_micros(extra).min(i64::MAX as u64) as i64;
+        let charges: Vec<Charge> = admission
+            .planned
+            .iter()
+            .map(|p| Charge {
+                amount: match p.measure {
+                    Measure::Micros => cost,
+                    Measure::Tokens => extra_output.min(i64::MAX as u64) as i64,
+                    Measure::Requests => 0,
+                },
+                ..p.charge.clone()
+            })
+            .collect();
+        let now = now_ms();
+        let hold_until = now + self.hold.as_millis() as i64;
+        match self
+            .store(admission.local)
+            .reserve(request_id, &charges, now, hold_until)
+            .await
+        {
+            Ok(Ok(rooms)) => {
+                admission.rooms = rooms;
+                admission.reserved_output = admission.reserved_output.saturating_add(extra_output);
+                true
+            }
+            Ok(Err(_)) => false,
+            Err(unavailable) => {
+                tracing::warn!("cannot extend a reservation: {unavailable}");
+                false
+            }
+        }
+    }
+
+    /// Replaces the reservation by the real usage. Runs in the background and retries while the
+    /// store is unreachable (settle is idempotent per request id).
+    pub fn settle(self: &Arc<Self>, admission: Admission, request_id: String, usage: Usage) {
+        if !admission.is_limited() {
+            return;
+        }
+        let tokens = (usage.prompt + usage.completion).min(i64::MAX as u64) as i64;
+        let cost = admission.price.cost_micros(usage).min(i64::MAX as u64) as i64;
+        let charges: Vec<Charge> = admission
+            .planned
+            .iter()
+            .map(|p| Charge {
+                amount: match p.measure {
+                    Measure::Micros => cost,
+                    Measure::Tokens => tokens,
+                    Measure::Requests => 1,
+                },
+                ..p.charge.clone()
+            })
+            .collect();
+        let limits = self.clone();
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            for _ in 0..20 {
+                match limits
+                    .store(admission.local)
+                    .settle(&request_id, &charges, now_ms())
+                    .await
+                {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(%request_id, "settle failed, retrying: {e}"),
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+            tracing::error!(%request_id, "settle abandoned; the hold expires on its own");
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(yaml_tenant: &str) -> (Policy, String) {
+        let yaml = format!(
+            "backends: [{{ name: b, base_url: \"http://127.0.0.1:1\" }}]\nmodels:\n  - {{ name: m, price: {{ input: 1, output: 1 }}, targets: [{{ backend: b, model: m }}] }}\ntenants:\n{yaml_tenant}"
+        );
+        (Policy::from_yaml(&yaml).unwrap(), "t".to_string())
+    }
+
+    fn ms(rfc3339: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    #[tokio::test]
+    async fn a_monthly_budget_resets_at_the_tenants_local_midnight() {
+        let (policy, name) =
+            tenant("  - { name: t, time_zone: Asia/Tokyo, budgets: [{ limit_tokens: 100, period: monthly }] }\n");
+        let tenant = &policy.tenants[&name];
+        let counters = LocalCounters::default();
+        let price = Price {
+            input: 1_000_000,
+            cached_input: 1_000_000,
+            output: 1_000_000,
+        };
+        let usage = Usage {
+            prompt: 60,
+            cached: 0,
+            completion: 0,
+        };
+        let reserve = |now: i64, id: &'static str| {
+            let charges: Vec<Charge> = plan(tenant, "k", "m", now, usage, price)
+                .into_iter()
+                .map(|p| p.charge)
+                .collect();
+            let counters = &counters;
+            async move {
+                counters
+                    .reserve(id, &charges, now, now + 3_600_000)
+                    .await
+                    .unwrap()
+                    .is_ok()
+            }
+        };
+        // 23:58 and 23:59 in Tokyo on Nov 30: the second request does not fit November's budget.
+        assert!(reserve(ms("2026-11-30T14:58:00Z"), "a").await);
+        assert!(!reserve(ms("2026-11-30T14:59:00Z"), "b").await);
+        // One minute later it is December in Tokyo (still November in UTC): a fresh budget.
+        assert!(reserve(ms("2026-11-30T15:00:00Z"), "c").await);
+        assert!(!reserve(ms("2026-11-30T15:01:00Z"), "d").await);
+    }
+
+    #[test]
+    fn charges_follow_key_and_model_scopes() {
+        let (policy, name) = tenant(
+            "  - name: t\n    rpm: 10\n    key_limits: [{ key: k1, tpm: 50 }]\n    budgets:\n      - { limit_usd: 1, period: daily }\n      - { limit_tokens: 5, period: total, key: k2 }\n      - { limit_tokens: 5, period: total, model: m, mode: soft }\n",
+        );
+        let tenant = &policy.tenants[&name];
+        let usage = Usage {
+            prompt: 3,
+            cached: 0,
+            completion: 4,
+        };
+        let labels = |key: &str| -> Vec<String> {
+            plan(tenant, key, "m", 0, usage, Price::default())
+                .into_iter()
+                .map(|p| p.label)
+                .collect()
+        };
+        assert_eq!(
+            labels("k1"),
+            [
+                "daily USD budget",
+                "total token budget",
+                "tenant RPM limit",
+                "key TPM limit"
+            ]
+        );
+        assert_eq!(
+            labels("k2"),
+            [
+                "daily USD budget",
+                "total token budget",
+                "total token budget",
+                "tenant RPM limit"
+            ]
+        );
+        let soft = plan(tenant, "k1", "m", 0, usage, Price::default());
+        assert!(!soft[1].charge.hard);
+        assert_eq!(soft[1].charge.amount, 7);
+    }
+}

@@ -1,0 +1,388 @@
+//! Budgets and rate limits across three gateway replicas on one Postgres and one Redis.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tollgate_billing::budget::{Counters, RedisCounters};
+
+use crate::harness::gateway::{drop_postgres, fresh_postgres};
+use crate::harness::{Gateway, MockUpstream};
+
+fn redis_url() -> String {
+    std::env::var("TOLLGATE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A tenant name no earlier run used (Redis keeps counters between test runs).
+fn unique(name: &str) -> String {
+    format!(
+        "{name}-{}",
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    )
+}
+
+fn policy(mock: &MockUpstream, tenants: &str) -> String {
+    format!(
+        "redis_url: {}\nbackends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 2.0 }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n{tenants}",
+        redis_url(),
+        mock.base_url()
+    )
+}
+
+async fn replicas(policy: &str, n: usize) -> (Vec<Gateway>, String) {
+    let (pg_url, pg_name) = fresh_postgres().await;
+    let mut gateways = Vec::new();
+    for _ in 0..n {
+        gateways.push(Gateway::start(policy, Some(pg_url.clone())).await);
+    }
+    (gateways, pg_name)
+}
+
+/// Creates a key on the shared database and waits until every replica accepts it.
+async fn shared_key(gateways: &[Gateway], tenant: &str) -> String {
+    let key = gateways[0].create_key(tenant).await;
+    let client = reqwest::Client::new();
+    for gw in gateways {
+        for _ in 0..200 {
+            if client
+                .get(format!("{}/v1/models", gw.url()))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 200
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    key
+}
+
+/// Deterministic pseudo-random numbers (xorshift), so a failure can be replayed.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Sends `requests` (body, replica) all at once; returns each status.
+async fn fire(gateways: &[Gateway], key: &str, requests: Vec<(Value, usize)>) -> Vec<u16> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let urls: Vec<String> = gateways
+        .iter()
+        .map(|g| format!("{}/v1/chat/completions", g.url()))
+        .collect();
+    futures_util::stream::iter(requests)
+        .map(|(body, replica)| {
+            let client = client.clone();
+            let url = urls[replica].clone();
+            let key = key.to_string();
+            async move {
+                let response = client
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                if status == 429 {
+                    assert!(response.headers().contains_key("retry-after"));
+                }
+                let body = response.bytes().await.unwrap();
+                assert!(
+                    status == 200 || status == 429,
+                    "{status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+                status
+            }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await
+}
+
+/// Waits until all of a counter's holds are settled; returns what it counted.
+async fn settled(counter: &str) -> i64 {
+    let redis = RedisCounters::new(&redis_url(), Duration::from_secs(2)).unwrap();
+    for _ in 0..200 {
+        let (used, reserved) = redis.read(counter).await.unwrap();
+        if reserved == 0 {
+            return used;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("holds never settled on {counter}");
+}
+
+fn month() -> String {
+    chrono::Utc::now().format("%Y-%m").to_string()
+}
+
+#[tokio::test]
+async fn a_one_dollar_budget_holds_across_three_replicas() {
+    let mock = MockUpstream::start("m").await;
+    let tenant = unique("dollar");
+    let yaml = policy(&mock, &format!("  - name: {tenant}\n    budgets: [{{ limit_usd: 1.00, period: monthly, mode: hard }}]\n"));
+    let (mut gateways, pg_name) = replicas(&yaml, 3).await;
+    let key = shared_key(&gateways, &tenant).await;
+
+    // 1,000 requests of random sizes, streamed or not, spread over the replicas. At $1/$2 per
+    // 1M tokens the budget fits a few hundred of them.
+    let mut rng = Rng(0x9E3779B97F4A7C15);
+    let mut worst_case_max = 0i64;
+    let mut requests = Vec::new();
+    for i in 0..1000 {
+        let prompt_words = 50 + rng.below(2500) as usize;
+        let max_tokens = 10 + rng.below(2000);
+        let body = json!({"model": "m", "stream": i % 3 == 0, "max_tokens": max_tokens,
+                          "messages": [{"role": "user", "content": " hello".repeat(prompt_words)}]});
+        // Worst case in micro-dollars: ~prompt tokens at $1/1M + max_tokens at $2/1M (+framing).
+        worst_case_max = worst_case_max.max((prompt_words as i64 + 10) + 2 * max_tokens as i64);
+        requests.push((body, i % 3));
+    }
+    let statuses = fire(&gateways, &key, requests).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!(ok > 100 && ok < 1000, "the budget must bind: {ok} admitted");
+
+    for gw in &mut gateways {
+        gw.stop();
+    }
+    let rows = gateways[0].ledger(&tenant, 1000).await;
+    let spent: i64 = rows.iter().map(|r| r.cost_micros).sum();
+    eprintln!(
+        "admitted {ok} of 1000; spent {spent} micro-dollars; largest worst case {worst_case_max}"
+    );
+    assert!(
+        spent <= 1_000_000,
+        "overshoot: spent {spent} micro-dollars of 1,000,000"
+    );
+    assert!(
+        spent >= 1_000_000 - worst_case_max,
+        "undershoot: spent {spent}, largest worst case {worst_case_max}"
+    );
+    assert_eq!(rows.iter().filter(|r| r.outcome == "ok").count(), ok);
+    assert!(rows
+        .iter()
+        .filter(|r| r.status == 429)
+        .all(|r| r.cost_micros == 0));
+
+    // Ledger, Redis and the provider agree.
+    let counter = format!("tg:{{{tenant}}}:b:usd.monthly.k=*.m=*:{}", month());
+    assert_eq!(settled(&counter).await, spent);
+    let completion: i64 = rows.iter().map(|r| r.completion_tokens).sum();
+    assert_eq!(
+        completion as u64,
+        mock.completion_tokens_served.load(Ordering::SeqCst)
+    );
+    drop_postgres(&pg_name).await;
+}
+
+#[tokio::test]
+async fn rpm_and_tpm_hold_across_three_replicas() {
+    // Stay inside one minute window.
+    let second = chrono::Utc::now().timestamp() % 60;
+    if second > 40 {
+        tokio::time::sleep(Duration::from_secs((61 - second) as u64)).await;
+    }
+    let mock = MockUpstream::start("m").await;
+    let by_requests = unique("rpm");
+    let by_tokens = unique("tpm");
+    let yaml = policy(
+        &mock,
+        &format!("  - name: {by_requests}\n    rpm: 40\n  - name: {by_tokens}\n    tpm: 20000\n"),
+    );
+    let (mut gateways, pg_name) = replicas(&yaml, 3).await;
+    let rpm_key = shared_key(&gateways, &by_requests).await;
+    let tpm_key = shared_key(&gateways, &by_tokens).await;
+
+    let small = |i: usize| {
+        (
+            json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+            i % 3,
+        )
+    };
+    let statuses = fire(&gateways, &rpm_key, (0..150).map(small).collect()).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        40,
+        "exactly the RPM limit is admitted"
+    );
+
+    let mut rng = Rng(42);
+    let mut worst_max = 0;
+    let requests: Vec<(Value, usize)> = (0..150)
+        .map(|i| {
+            let words = 20 + rng.below(400) as usize;
+            let max_tokens = 10 + rng.below(300);
+            worst_max = worst_max.max(words as i64 + 10 + max_tokens as i64);
+            (json!({"model": "m", "max_tokens": max_tokens, "messages": [{"role": "user", "content": " hello".repeat(words)}]}), i % 3)
+        })
+        .collect();
+    let statuses = fire(&gateways, &tpm_key, requests).await;
+    assert!(statuses.contains(&429));
+
+    for gw in &mut gateways {
+        gw.stop();
+    }
+    let rows = gateways[0].ledger(&by_tokens, 150).await;
+    let tokens: i64 = rows
+        .iter()
+        .map(|r| r.prompt_tokens + r.completion_tokens)
+        .sum();
+    assert!(tokens <= 20_000, "TPM overshoot: {tokens}");
+    assert!(tokens >= 20_000 - worst_max, "TPM undershoot: {tokens}");
+    let rpm_rows = gateways[0].ledger(&by_requests, 150).await;
+    assert_eq!(rpm_rows.iter().filter(|r| r.outcome == "ok").count(), 40);
+    drop_postgres(&pg_name).await;
+}
+
+#[tokio::test]
+async fn a_stream_is_cut_at_its_budget_and_billed_what_was_delivered() {
+    let mock = MockUpstream::start("storyteller").await;
+    mock.behaviour.stream_chunks.store(120, Ordering::SeqCst);
+    let tenant = unique("cut");
+    // $1 per 1M tokens both ways: one micro-dollar per token. Room for ~200 tokens in all;
+    // the reservation starts at the prompt plus 40 output tokens.
+    let yaml = format!(
+        "backends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 1.0 }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n  - name: {tenant}\n    default_output_tokens: 40\n    budgets: [{{ limit_usd: 0.0002, period: total }}]\n",
+        mock.base_url()
+    );
+    let gw = Gateway::start(&yaml, None).await;
+    let key = gw.create_key(&tenant).await;
+    let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "Tell me a long story."}]});
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response
+        .headers()
+        .contains_key("x-tollgate-budget-remaining"));
+    let text = response.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let error: Value =
+        serde_json::from_str(events[events.len() - 2].strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], "budget_exceeded", "{text}");
+    let delivered: String = events[..events.len() - 2]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e.strip_prefix("data: ").unwrap()).unwrap())
+        .map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert!(!delivered.is_empty() && delivered.len() < mock.words(120).concat().len());
+
+    let row = &gw.ledger(&tenant, 1).await[0];
+    assert_eq!(row.outcome, "budget_cut");
+    let delivered_tokens = tiktoken_rs::o200k_base_singleton()
+        .encode_ordinary(&delivered)
+        .len() as i64;
+    assert_eq!(
+        row.completion_tokens, delivered_tokens,
+        "billed exactly what was delivered"
+    );
+    assert_eq!(row.usage_source, "gateway");
+    assert!(row.cost_micros <= 200, "within the budget: {row:?}");
+    assert!(
+        row.cost_micros >= 150,
+        "the budget was used, not abandoned early: {row:?}"
+    );
+
+    // The budget is spent: the next request is refused before reaching the provider.
+    let before = mock.received().len();
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let error: Value = r.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "budget_exceeded");
+    assert_eq!(mock.received().len(), before);
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_fails_closed_or_open_per_tenant() {
+    let mock = MockUpstream::start("m").await;
+    let closed = unique("closed");
+    let open = unique("open");
+    let dead_redis = format!("redis://127.0.0.1:{}", crate::harness::gateway::free_port());
+    let yaml = format!(
+        "redis_url: {dead_redis}\nredis_timeout_ms: 100\nbackends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 2.0 }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n  - name: {closed}\n    rpm: 100\n  - name: {open}\n    rpm: 2\n    on_redis_down: fail_open\n  - name: free\n",
+        mock.base_url()
+    );
+    let gw = Gateway::start(&yaml, None).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+
+    let key = gw.create_key(&closed).await;
+    let r = client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "limits_unavailable"
+    );
+
+    // fail_open: this replica's own counters still enforce the limit.
+    let key = gw.create_key(&open).await;
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(
+            client
+                .post(&url)
+                .bearer_auth(&key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+
+    // A tenant without limits never needs Redis.
+    let key = gw.create_key("free").await;
+    assert_eq!(
+        client
+            .post(&url)
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let rows = gw.ledger(&open, 3).await;
+    assert_eq!(rows.iter().filter(|r| r.outcome == "ok").count(), 2);
+}
