@@ -317,6 +317,48 @@ impl Store {
         Ok(totals)
     }
 
+    /// What a tenant's requests used within `[from_ms, to_ms)` of arrival, counting only those
+    /// that ended before `ended_before_ms`: (admitted requests, prompt + completion tokens,
+    /// cost). `key` and `model` narrow it. Used to rebuild budget counters.
+    pub async fn sum_usage(
+        &self,
+        tenant: &str,
+        key: Option<&str>,
+        model: Option<&str>,
+        from_ms: i64,
+        to_ms: i64,
+        ended_before_ms: i64,
+    ) -> anyhow::Result<(i64, i64, i64)> {
+        let sql = "SELECT CAST(COALESCE(SUM(CASE WHEN outcome <> 'rejected' THEN 1 ELSE 0 END), 0) AS BIGINT) AS requests, \
+                   CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) AS tokens, \
+                   CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost \
+                   FROM ledger WHERE tenant = $1 AND created_ms >= $2 AND created_ms < $3 \
+                   AND created_ms + latency_ms < $4 \
+                   AND (CAST($5 AS TEXT) IS NULL OR key_id = CAST($5 AS TEXT)) AND (CAST($6 AS TEXT) IS NULL OR model = CAST($6 AS TEXT))";
+        macro_rules! sums {
+            ($pool:expr, $sql:expr) => {{
+                let row = sqlx::query($sql)
+                    .bind(tenant)
+                    .bind(from_ms)
+                    .bind(to_ms)
+                    .bind(ended_before_ms)
+                    .bind(key)
+                    .bind(model)
+                    .fetch_one($pool)
+                    .await?;
+                (
+                    row.try_get("requests")?,
+                    row.try_get("tokens")?,
+                    row.try_get("cost")?,
+                )
+            }};
+        }
+        Ok(match &self.pool {
+            Pool::Sqlite(pool) => sums!(pool, &sqlite_sql(sql)),
+            Pool::Postgres(pool) => sums!(pool, sql),
+        })
+    }
+
     /// Every ledger row of a tenant, oldest first (for tests and exports).
     pub async fn ledger_rows(&self, tenant: &str) -> anyhow::Result<Vec<LedgerRow>> {
         let sql = "SELECT * FROM ledger WHERE tenant = $1 ORDER BY created_ms, request_id";

@@ -9,10 +9,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tollgate_billing::budget::{window, Charge, Counters, LocalCounters, Period, RedisCounters};
+use tollgate_billing::budget::{
+    window, Charge, Counters, LocalCounters, Period, RedisCounters, Seed, Window,
+};
 use tollgate_billing::price::{Price, Usage};
+use tollgate_billing::store::Store;
 
-use crate::config::{Metric, OnRedisDown, Policy, Tenant};
+use crate::config::{Budget, Metric, OnRedisDown, Policy, Tenant};
 use crate::proxy::error::ApiError;
 
 /// What a counter measures, for headers and messages.
@@ -35,6 +38,8 @@ struct Planned {
 
 /// A request's reservation.
 pub struct Admission {
+    /// The tenant: the counters' hash tag.
+    tag: String,
     planned: Vec<Planned>,
     /// Room left on each charge after the reservation.
     rooms: Vec<i64>,
@@ -48,6 +53,7 @@ pub struct Admission {
 impl Admission {
     fn none(price: Price) -> Admission {
         Admission {
+            tag: String::new(),
             planned: Vec::new(),
             rooms: Vec::new(),
             reserved_output: u64::MAX,
@@ -117,6 +123,71 @@ fn format_usd(micros: i64) -> String {
     format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
 }
 
+/// Key of a budget's counter for one window.
+fn budget_counter(tag: &str, budget: &Budget, window: &Window) -> String {
+    format!("tg:{{{tag}}}:b:{}:{}", budget.ident(), window.label)
+}
+
+/// Key of a per-minute rate counter (`rpm` or `tpm`) of the tenant (`who` = `*`) or of a key.
+fn rate_counter(tag: &str, name: &str, who: &str, minute: &Window) -> String {
+    format!("tg:{{{tag}}}:{name}:{who}:{}", minute.label)
+}
+
+/// A counter of the current windows and the slice of the ledger that rebuilds it.
+struct SeedSpec {
+    counter: String,
+    window: Window,
+    key: Option<String>,
+    model: Option<String>,
+    measure: Measure,
+}
+
+fn seed_specs(tenant: &Tenant, now_ms: i64) -> Vec<SeedSpec> {
+    let tag = &tenant.name;
+    let mut specs = Vec::new();
+    for budget in &tenant.budgets {
+        let window = window(budget.period, tenant.time_zone, now_ms);
+        let measure = match budget.metric {
+            Metric::Usd => Measure::Micros,
+            Metric::Tokens => Measure::Tokens,
+        };
+        let counter = budget_counter(tag, budget, &window);
+        specs.push(SeedSpec {
+            counter,
+            window,
+            key: budget.key.clone(),
+            model: budget.model.clone(),
+            measure,
+        });
+    }
+    let minute = window(Period::Minute, tenant.time_zone, now_ms);
+    let mut rates = vec![("*", None, tenant.rpm, tenant.tpm)];
+    rates.extend(
+        tenant
+            .key_limits
+            .iter()
+            .map(|(key, (rpm, tpm))| (key.as_str(), Some(key.clone()), *rpm, *tpm)),
+    );
+    for (who, key, rpm, tpm) in rates {
+        for (name, limit, measure) in [
+            ("rpm", rpm, Measure::Requests),
+            ("tpm", tpm, Measure::Tokens),
+        ] {
+            if limit.is_some() {
+                let counter = rate_counter(tag, name, who, &minute);
+                specs.push(SeedSpec {
+                    counter,
+                    window: minute.clone(),
+                    key: key.clone(),
+                    model: None,
+                    measure,
+                });
+            }
+        }
+    }
+    specs
+}
+
 /// The charges a request makes, at `now_ms`: one per applicable budget and rate limit.
 fn plan(
     tenant: &Tenant,
@@ -144,7 +215,7 @@ fn plan(
         let period = format!("{:?}", budget.period).to_lowercase();
         planned.push(Planned {
             charge: Charge {
-                counter: format!("tg:{{{tag}}}:b:{}:{}", budget.ident(), w.label),
+                counter: budget_counter(tag, budget, &w),
                 limit: budget.limit,
                 amount,
                 hard: budget.hard,
@@ -166,7 +237,7 @@ fn plan(
             if let Some(limit) = limit {
                 planned.push(Planned {
                     charge: Charge {
-                        counter: format!("tg:{{{tag}}}:{name}:{who}:{}", minute.label),
+                        counter: rate_counter(tag, name, who, &minute),
                         limit,
                         amount,
                         hard: true,
@@ -195,6 +266,63 @@ impl Limits {
             local: LocalCounters::default(),
             hold: policy.reservation_ttl,
         })
+    }
+
+    /// Rebuilds from the ledger the counters of every tenant whose counters need it (a cold or
+    /// flushed Redis; at start, this replica's own counters). `lag`: how long a finished
+    /// request's ledger row may take to reach the database.
+    pub async fn rebuild(&self, policy: &Policy, store: &Store, lag: Duration, local: bool) {
+        for tenant in policy.tenants.values().filter(|t| t.has_limits()) {
+            if let Err(e) = self
+                .rebuild_tenant(self.store(local), tenant, store, lag)
+                .await
+            {
+                tracing::warn!(tenant = %tenant.name, "rebuilding budget counters failed: {e:#}");
+            }
+        }
+    }
+
+    async fn rebuild_tenant(
+        &self,
+        counters: &dyn Counters,
+        tenant: &Tenant,
+        store: &Store,
+        lag: Duration,
+    ) -> anyhow::Result<()> {
+        let Some(epoch) = counters.begin_seed(&tenant.name, now_ms()).await? else {
+            return Ok(());
+        };
+        // Requests that ended before the epoch must all be in the ledger before it is summed.
+        let wait = epoch + lag.as_millis() as i64 - now_ms();
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        }
+        let mut seeds = Vec::new();
+        for spec in seed_specs(tenant, epoch) {
+            let (requests, tokens, cost) = store
+                .sum_usage(
+                    &tenant.name,
+                    spec.key.as_deref(),
+                    spec.model.as_deref(),
+                    spec.window.start_ms,
+                    spec.window.end_ms,
+                    epoch,
+                )
+                .await?;
+            let amount = match spec.measure {
+                Measure::Micros => cost,
+                Measure::Tokens => tokens,
+                Measure::Requests => requests,
+            };
+            seeds.push(Seed {
+                counter: spec.counter,
+                amount,
+                window_end_ms: spec.window.end_ms,
+            });
+        }
+        counters.finish_seed(&tenant.name, &seeds).await?;
+        tracing::info!(tenant = %tenant.name, counters = seeds.len(), "budget counters rebuilt from the ledger");
+        Ok(())
     }
 
     fn store(&self, local: bool) -> &dyn Counters {
@@ -234,7 +362,7 @@ impl Limits {
         let mut local = false;
         let result = match self
             .store(false)
-            .reserve(request_id, &charges, now, hold_until)
+            .reserve(&tenant.name, request_id, &charges, now, hold_until)
             .await
         {
             Ok(result) => result,
@@ -247,7 +375,7 @@ impl Limits {
                     tracing::warn!(tenant = %tenant.name, "{unavailable}; using this replica's counters (fail_open)");
                     local = true;
                     self.local
-                        .reserve(request_id, &charges, now, hold_until)
+                        .reserve(&tenant.name, request_id, &charges, now, hold_until)
                         .await
                         .map_err(|_| ApiError::limits_unavailable())?
                 }
@@ -255,6 +383,7 @@ impl Limits {
         };
         match result {
             Ok(rooms) => Ok(Admission {
+                tag: tenant.name.clone(),
                 planned,
                 rooms,
                 reserved_output: output_tokens,
@@ -318,11 +447,12 @@ impl Limits {
                 ..p.charge.clone()
             })
             .collect();
+        let tag = admission.tag.clone();
         let now = now_ms();
         let hold_until = now + self.hold.as_millis() as i64;
         match self
             .store(admission.local)
-            .reserve(request_id, &charges, now, hold_until)
+            .reserve(&tag, request_id, &charges, now, hold_until)
             .await
         {
             Ok(Ok(rooms)) => {
@@ -340,7 +470,13 @@ impl Limits {
 
     /// Replaces the reservation by the real usage. Runs in the background and retries while the
     /// store is unreachable (settle is idempotent per request id).
-    pub fn settle(self: &Arc<Self>, admission: Admission, request_id: String, usage: Usage) {
+    pub fn settle(
+        self: &Arc<Self>,
+        admission: Admission,
+        request_id: String,
+        usage: Usage,
+        ended_ms: i64,
+    ) {
         if !admission.is_limited() {
             return;
         }
@@ -364,7 +500,7 @@ impl Limits {
             for _ in 0..20 {
                 match limits
                     .store(admission.local)
-                    .settle(&request_id, &charges, now_ms())
+                    .settle(&admission.tag, &request_id, &charges, ended_ms)
                     .await
                 {
                     Ok(()) => return,
@@ -419,7 +555,7 @@ mod tests {
             let counters = &counters;
             async move {
                 counters
-                    .reserve(id, &charges, now, now + 3_600_000)
+                    .reserve("t", id, &charges, now, now + 3_600_000)
                     .await
                     .unwrap()
                     .is_ok()

@@ -13,7 +13,9 @@ use tollgate_billing::ledger::{self, WriterOptions};
 use tollgate_billing::store::Store;
 
 use crate::cli::{load_policy, redact_url};
+use crate::config::Policy;
 use crate::keys::{self, KeyCache};
+use crate::limits::Limits;
 use crate::proxy::{AppState, Gateway};
 
 /// Every this many key refreshes, reload all keys instead of only the changes.
@@ -31,7 +33,7 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
         .thread_name("tollgate-bg")
         .enable_all()
         .build()?;
-    let (store, keys, ledger) = background.block_on(start_background(&policy))?;
+    let (store, keys, ledger, limits) = background.block_on(start_background(&policy))?;
 
     let conf = ServerConf {
         threads: policy
@@ -43,7 +45,6 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let limits = Arc::new(crate::limits::Limits::new(&policy)?);
     let state = Arc::new(AppState {
         policy: policy.clone(),
         keys,
@@ -80,8 +81,8 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
 }
 
 async fn start_background(
-    policy: &Arc<crate::config::Policy>,
-) -> anyhow::Result<(Store, Arc<KeyCache>, ledger::LedgerSender)> {
+    policy: &Arc<Policy>,
+) -> anyhow::Result<(Store, Arc<KeyCache>, ledger::LedgerSender, Arc<Limits>)> {
     let store = Store::open(&policy.database_url).await?;
     let replayed = ledger::replay_spool(&store, &policy.ledger_spool_path).await?;
     if replayed > 0 {
@@ -111,7 +112,36 @@ async fn start_background(
             shutdown_deadline: std::time::Duration::from_secs(10),
         },
     );
-    Ok((store, keys, ledger))
+    // Budget counters: this replica's own from the ledger now (nothing of ours is in flight);
+    // shared ones whenever Redis turns out cold (first start, flush, restart).
+    let limits = Arc::new(Limits::new(policy)?);
+    limits
+        .rebuild(policy, &store, std::time::Duration::ZERO, true)
+        .await;
+    let lag = policy.ledger_flush_interval * 2 + std::time::Duration::from_secs(1);
+    if policy.redis_url.is_some() {
+        limits.rebuild(policy, &store, lag, false).await;
+        tokio::spawn(rebuild_counters(
+            policy.clone(),
+            store.clone(),
+            limits.clone(),
+            lag,
+        ));
+    }
+    Ok((store, keys, ledger, limits))
+}
+
+/// Watches for a cold Redis and rebuilds its counters from the ledger, off the request path.
+async fn rebuild_counters(
+    policy: Arc<Policy>,
+    store: Store,
+    limits: Arc<Limits>,
+    lag: std::time::Duration,
+) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        limits.rebuild(&policy, &store, lag, false).await;
+    }
 }
 
 /// Keeps the key cache in step with the database (keys created or revoked by other processes).

@@ -386,3 +386,134 @@ async fn an_unreachable_redis_fails_closed_or_open_per_tenant() {
     let rows = gw.ledger(&open, 3).await;
     assert_eq!(rows.iter().filter(|r| r.outcome == "ok").count(), 2);
 }
+
+fn spend_request(words: usize, max_tokens: u64) -> Value {
+    json!({"model": "m", "max_tokens": max_tokens, "messages": [{"role": "user", "content": " hello".repeat(words)}]})
+}
+
+#[tokio::test]
+async fn lost_counters_are_rebuilt_from_the_ledger_without_overshoot() {
+    let mock = MockUpstream::start("m").await;
+    let tenant = unique("rebuilt");
+    let yaml = format!(
+        "redis_url: {}\nbackends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 1.0 }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n  - name: {tenant}\n    budgets: [{{ limit_usd: 0.01, period: monthly }}]\n",
+        redis_url(),
+        mock.base_url()
+    );
+    let (mut gateways, pg_name) = replicas(&yaml, 2).await;
+    let key = shared_key(&gateways, &tenant).await;
+    let client = reqwest::Client::new();
+    let url = |i: usize| format!("{}/v1/chat/completions", gateways[i % 2].url());
+    let mut sent = 0;
+    for i in 0..8 {
+        let r = client
+            .post(url(i))
+            .bearer_auth(&key)
+            .json(&spend_request(200, 300))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        sent += 1;
+    }
+
+    // Redis loses the tenant's counters, as a restart without persistence would.
+    let redis = redis::Client::open(redis_url()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("tg:{{{tenant}}}*"))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+
+    // Until a replica has rebuilt them, requests are refused (fail_closed), never admitted blind.
+    let mut refused = 0;
+    loop {
+        let r = client
+            .post(url(sent))
+            .bearer_auth(&key)
+            .json(&spend_request(200, 300))
+            .send()
+            .await
+            .unwrap();
+        sent += 1;
+        match r.status().as_u16() {
+            200 => break,
+            503 => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+        assert!(refused < 200, "counters never rebuilt");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let statuses = fire(
+        &gateways,
+        &key,
+        (0..30).map(|i| (spend_request(200, 300), i % 2)).collect(),
+    )
+    .await;
+    sent += statuses.len();
+    assert!(statuses.contains(&429), "the rebuilt counters still bind");
+
+    for gw in &mut gateways {
+        gw.stop();
+    }
+    let rows = gateways[0].ledger(&tenant, sent).await;
+    let spent: i64 = rows.iter().map(|r| r.cost_micros).sum();
+    eprintln!("refused while cold: {refused}; spent {spent} of 10000");
+    assert!(spent <= 10_000, "overshoot after the rebuild: {spent}");
+    assert!(spent >= 10_000 - 520, "undershoot: {spent}");
+    let counter = format!("tg:{{{tenant}}}:b:usd.monthly.k=*.m=*:{}", month());
+    assert_eq!(
+        settled(&counter).await,
+        spent,
+        "rebuilt counter agrees with the ledger (nothing counted twice)"
+    );
+    drop_postgres(&pg_name).await;
+}
+
+#[tokio::test]
+async fn the_embedded_default_keeps_its_budget_across_restarts() {
+    let mock = MockUpstream::start("m").await;
+    let tenant = unique("embedded");
+    let yaml = format!(
+        "backends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 1.0 }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n  - name: {tenant}\n    budgets: [{{ limit_usd: 0.002, period: daily }}]\n",
+        mock.base_url()
+    );
+    let mut gw = Gateway::start(&yaml, None).await;
+    let key = gw.create_key(&tenant).await;
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let r = client
+            .post(format!("{}/v1/chat/completions", gw.url()))
+            .bearer_auth(&key)
+            .json(&spend_request(200, 300))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    gw.restart().await;
+    // ~1,520 of 2,000 micro-dollars spent before the restart: a ~507 worst case no longer fits.
+    let r = client
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(&key)
+        .json(&spend_request(200, 300))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let r = client
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(&key)
+        .json(&spend_request(100, 100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a request that fits still passes");
+}

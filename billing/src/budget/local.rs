@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Charge, Counters, Denied, Unavailable};
+use super::{Charge, Counters, Denied, Seed, Unavailable};
 
 /// How long a settled request id is remembered, so a repeated settle is ignored.
 const SETTLED_MEMORY_MS: i64 = 24 * 3_600_000;
@@ -21,11 +21,15 @@ struct State {
     counters: HashMap<String, Counter>,
     /// Request id -> when to forget it.
     settled: HashMap<String, i64>,
+    /// Tenant -> epoch of its rebuild from the ledger.
+    epochs: HashMap<String, i64>,
     operations: u64,
 }
 
 #[derive(Default)]
 struct Counter {
+    /// Rebuilt from the ledger.
+    seed: i64,
     used: i64,
     reserved: i64,
     /// Request id -> (amount held, hold expiry).
@@ -63,6 +67,7 @@ impl State {
 impl Counters for LocalCounters {
     async fn reserve(
         &self,
+        _tag: &str,
         request_id: &str,
         charges: &[Charge],
         now_ms: i64,
@@ -75,7 +80,7 @@ impl Counters for LocalCounters {
             let counter = state.counters.entry(charge.counter.clone()).or_default();
             counter.window_end_ms = charge.window_end_ms;
             counter.release_expired(now_ms);
-            let room = charge.limit - counter.used - counter.reserved;
+            let room = charge.limit - counter.seed - counter.used - counter.reserved;
             if charge.hard && charge.amount > room {
                 return Ok(Err(Denied { index, room }));
             }
@@ -99,14 +104,19 @@ impl Counters for LocalCounters {
 
     async fn settle(
         &self,
+        tag: &str,
         request_id: &str,
         charges: &[Charge],
-        now_ms: i64,
+        ended_ms: i64,
     ) -> Result<(), Unavailable> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.epochs.get(tag).is_some_and(|epoch| ended_ms < *epoch) {
+            return Ok(()); // counted by the ledger rebuild
+        }
+        let forget_at = ended_ms + SETTLED_MEMORY_MS;
         if state
             .settled
-            .insert(request_id.to_string(), now_ms + SETTLED_MEMORY_MS)
+            .insert(request_id.to_string(), forget_at)
             .is_some()
         {
             return Ok(());
@@ -122,11 +132,32 @@ impl Counters for LocalCounters {
         Ok(())
     }
 
+    async fn begin_seed(&self, tag: &str, now_ms: i64) -> Result<Option<i64>, Unavailable> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(match state.epochs.get(tag) {
+            Some(_) => None,
+            None => {
+                state.epochs.insert(tag.to_string(), now_ms);
+                Some(now_ms)
+            }
+        })
+    }
+
+    async fn finish_seed(&self, _tag: &str, seeds: &[Seed]) -> Result<(), Unavailable> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for seed in seeds {
+            let counter = state.counters.entry(seed.counter.clone()).or_default();
+            counter.seed = seed.amount;
+            counter.window_end_ms = seed.window_end_ms;
+        }
+        Ok(())
+    }
+
     async fn read(&self, counter: &str) -> Result<(i64, i64), Unavailable> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         Ok(state
             .counters
             .get(counter)
-            .map_or((0, 0), |c| (c.used, c.reserved)))
+            .map_or((0, 0), |c| (c.seed + c.used, c.reserved)))
     }
 }

@@ -53,6 +53,18 @@ impl std::fmt::Display for Unavailable {
 
 impl std::error::Error for Unavailable {}
 
+/// A counter's starting value rebuilt from the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    pub counter: String,
+    pub amount: i64,
+    pub window_end_ms: i64,
+}
+
+/// Counters for one tenant (`tag`) live together; a tenant whose counters were lost (a cold or
+/// flushed Redis) is *rebuilt* from the ledger: [`Counters::begin_seed`] fixes an epoch; settles
+/// of requests that end at or after it count in the counters, earlier ones come from the ledger
+/// sum that [`Counters::finish_seed`] writes. Until then, reservations are refused as unavailable.
 #[async_trait]
 pub trait Counters: Send + Sync {
     /// Holds `amount` on every charge for `request_id` until `hold_until_ms`, or on none when a
@@ -60,6 +72,7 @@ pub trait Counters: Send + Sync {
     /// that outgrows its reservation). On success returns each charge's room left.
     async fn reserve(
         &self,
+        tag: &str,
         request_id: &str,
         charges: &[Charge],
         now_ms: i64,
@@ -67,16 +80,25 @@ pub trait Counters: Send + Sync {
     ) -> Result<Result<Vec<i64>, Denied>, Unavailable>;
 
     /// Releases the request's holds and adds the real amounts (`charges[i].amount`). Idempotent:
-    /// a request id is settled at most once.
+    /// a request id is settled at most once. `ended_ms` is when the request ended, the same
+    /// instant its ledger row records (`created_ms + latency_ms`).
     async fn settle(
         &self,
+        tag: &str,
         request_id: &str,
         charges: &[Charge],
-        now_ms: i64,
+        ended_ms: i64,
     ) -> Result<(), Unavailable>;
 
-    /// Settled amount and current holds of a counter (for reports and tests).
+    /// Counted amount (seed included) and current holds of a counter.
     async fn read(&self, counter: &str) -> Result<(i64, i64), Unavailable>;
+
+    /// `Some(epoch)` when the tenant's counters need rebuilding and this caller is the one to do
+    /// it; `None` when they are ready or another replica is rebuilding them.
+    async fn begin_seed(&self, tag: &str, now_ms: i64) -> Result<Option<i64>, Unavailable>;
+
+    /// Writes the ledger sums (requests that ended before the epoch) and opens the tenant again.
+    async fn finish_seed(&self, tag: &str, seeds: &[Seed]) -> Result<(), Unavailable>;
 }
 
 #[cfg(test)]

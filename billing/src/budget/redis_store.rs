@@ -2,9 +2,12 @@
 //! reservation against several limits is atomic. Keys carry the tenant as a hash tag
 //! (`tg:{acme}:...`), so one tenant's counters live on one Redis Cluster slot.
 //!
-//! Layout per counter `C`: a hash with `used`, `reserved` and one `r:<request id>` field per
-//! hold; and a sorted set `C:holds` of request ids scored by hold expiry, which every
-//! reservation sweeps, so holds of a dead gateway release themselves.
+//! Layout per counter `C`: a hash with `seed` (rebuilt from the ledger), `used`, `reserved` and
+//! one `r:<request id>` field per hold; and a sorted set `C:holds` of request ids scored by hold
+//! expiry, which every reservation sweeps, so holds of a dead gateway release themselves.
+//! Per tenant: `tg:{t}:ready` (counters usable), `tg:{t}:epoch` (the rebuild's cut-off) and
+//! `tg:{t}:seeding` (the rebuild lock). A flushed or restarted Redis loses `ready` with the
+//! counters, so reservations stop until a replica has rebuilt them.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -13,7 +16,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use super::{Charge, Counters, Denied, Unavailable};
+use super::{Charge, Counters, Denied, Seed, Unavailable};
 
 /// How long a settled request id is remembered in Redis.
 const SETTLED_MEMORY_MS: i64 = 24 * 3_600_000;
@@ -22,6 +25,7 @@ const WINDOW_GRACE_MS: i64 = 24 * 3_600_000;
 
 const RESERVE: &str = r#"
 local id, now, hold_until, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if redis.call('EXISTS', KEYS[2*n+1]) == 0 then return {2} end
 local rooms = {}
 for i = 1, n do
   local c, z = KEYS[2*i-1], KEYS[2*i]
@@ -34,7 +38,8 @@ for i = 1, n do
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
   local base = 4 + (i - 1) * 4
   local limit, amount, hard = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), ARGV[base + 3] == '1'
-  local room = limit - tonumber(redis.call('HGET', c, 'used') or '0') - tonumber(redis.call('HGET', c, 'reserved') or '0')
+  local counted = redis.call('HMGET', c, 'seed', 'used', 'reserved')
+  local room = limit - tonumber(counted[1] or '0') - tonumber(counted[2] or '0') - tonumber(counted[3] or '0')
   if hard and amount > room then return {0, i, room} end
   rooms[i] = room - amount
 end
@@ -56,22 +61,47 @@ return out
 "#;
 
 const SETTLE: &str = r#"
-local id, n = ARGV[1], tonumber(ARGV[2])
+local id, n, ended = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
+local epoch = redis.call('GET', KEYS[2])
+-- Cold, or ended before the rebuild's cut-off: the ledger sum counts this request.
+if not epoch or ended < tonumber(epoch) then return 2 end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[3]) then return 0 end
 for i = 1, n do
-  local c, z = KEYS[2*i], KEYS[2*i+1]
+  local c, z = KEYS[2*i+1], KEYS[2*i+2]
   local held = redis.call('HGET', c, 'r:' .. id)
   if held then
     redis.call('HINCRBY', c, 'reserved', -tonumber(held))
     redis.call('HDEL', c, 'r:' .. id)
     redis.call('ZREM', z, id)
   end
-  redis.call('HINCRBY', c, 'used', tonumber(ARGV[3 + i]))
-  local expire_at = tonumber(ARGV[3 + n + i])
+  redis.call('HINCRBY', c, 'used', tonumber(ARGV[4 + i]))
+  local expire_at = tonumber(ARGV[4 + n + i])
   if expire_at > 0 then redis.call('PEXPIREAT', c, expire_at) end
 end
 return 1
 "#;
+
+const BEGIN_SEED: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if not redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[2]) then return -1 end
+redis.call('SET', KEYS[2], ARGV[1], 'NX')
+return tonumber(redis.call('GET', KEYS[2]))
+"#;
+
+const FINISH_SEED: &str = r#"
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  redis.call('HSET', KEYS[2 + i], 'seed', ARGV[1 + i])
+  local expire_at = tonumber(ARGV[1 + n + i])
+  if expire_at > 0 then redis.call('PEXPIREAT', KEYS[2 + i], expire_at) end
+end
+redis.call('SET', KEYS[1], '1')
+redis.call('DEL', KEYS[2])
+return 1
+"#;
+
+/// How long one replica may hold the rebuild lock of a tenant.
+const SEED_LOCK_MS: i64 = 60_000;
 
 pub struct RedisCounters {
     client: redis::Client,
@@ -80,6 +110,10 @@ pub struct RedisCounters {
     timeout: Duration,
     reserve: Script,
     settle: Script,
+    begin_seed: Script,
+    finish_seed: Script,
+    /// Identifies this process as the holder of a rebuild lock.
+    owner: String,
 }
 
 impl RedisCounters {
@@ -92,6 +126,13 @@ impl RedisCounters {
             timeout,
             reserve: Script::new(RESERVE),
             settle: Script::new(SETTLE),
+            begin_seed: Script::new(BEGIN_SEED),
+            finish_seed: Script::new(FINISH_SEED),
+            owner: format!(
+                "{}-{}",
+                std::process::id(),
+                chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+            ),
         })
     }
 
@@ -128,12 +169,9 @@ fn holds_key(counter: &str) -> String {
     format!("{counter}:holds")
 }
 
-/// The `{tag}` of a counter key, for keys that must share its slot.
-fn hash_tag(counter: &str) -> &str {
-    match (counter.find('{'), counter.find('}')) {
-        (Some(a), Some(b)) if b > a => &counter[a..=b],
-        _ => "",
-    }
+/// A per-tenant key (`tg:{tenant}:name`), in the same cluster slot as the tenant's counters.
+fn tenant_key(tag: &str, name: &str) -> String {
+    format!("tg:{{{tag}}}:{name}")
 }
 
 fn expire_at(window_end_ms: i64) -> i64 {
@@ -148,6 +186,7 @@ fn expire_at(window_end_ms: i64) -> i64 {
 impl Counters for RedisCounters {
     async fn reserve(
         &self,
+        tag: &str,
         request_id: &str,
         charges: &[Charge],
         now_ms: i64,
@@ -170,12 +209,16 @@ impl Counters for RedisCounters {
                 .arg(u8::from(charge.hard))
                 .arg(expire_at(charge.window_end_ms));
         }
+        invocation.key(tenant_key(tag, "ready"));
         let reply: Vec<i64> = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(|e| Unavailable(e.to_string()))?;
         match reply.as_slice() {
             [1, rooms @ ..] => Ok(Ok(rooms.to_vec())),
+            [2] => Err(Unavailable(
+                "counters are being rebuilt from the ledger".into(),
+            )),
             [0, index, room] => Ok(Err(Denied {
                 index: (*index as usize).saturating_sub(1),
                 room: *room,
@@ -186,18 +229,21 @@ impl Counters for RedisCounters {
 
     async fn settle(
         &self,
+        tag: &str,
         request_id: &str,
         charges: &[Charge],
-        _now_ms: i64,
+        ended_ms: i64,
     ) -> Result<(), Unavailable> {
         let mut connection = self.connection().await?;
-        let tag = charges.first().map_or("", |c| hash_tag(&c.counter));
         let mut invocation = self.settle.prepare_invoke();
-        invocation.key(format!("tg:{tag}:settled:{request_id}"));
+        invocation
+            .key(tenant_key(tag, &format!("settled:{request_id}")))
+            .key(tenant_key(tag, "epoch"));
         invocation
             .arg(request_id)
             .arg(charges.len())
-            .arg(SETTLED_MEMORY_MS);
+            .arg(SETTLED_MEMORY_MS)
+            .arg(ended_ms);
         for charge in charges {
             invocation
                 .key(&charge.counter)
@@ -216,15 +262,52 @@ impl Counters for RedisCounters {
         Ok(())
     }
 
+    async fn begin_seed(&self, tag: &str, now_ms: i64) -> Result<Option<i64>, Unavailable> {
+        let mut connection = self.connection().await?;
+        let mut invocation = self.begin_seed.prepare_invoke();
+        invocation
+            .key(tenant_key(tag, "ready"))
+            .key(tenant_key(tag, "epoch"))
+            .key(tenant_key(tag, "seeding"));
+        invocation.arg(now_ms).arg(SEED_LOCK_MS).arg(&self.owner);
+        let epoch: i64 = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+        Ok((epoch >= 0).then_some(epoch))
+    }
+
+    async fn finish_seed(&self, tag: &str, seeds: &[Seed]) -> Result<(), Unavailable> {
+        let mut connection = self.connection().await?;
+        let mut invocation = self.finish_seed.prepare_invoke();
+        invocation
+            .key(tenant_key(tag, "ready"))
+            .key(tenant_key(tag, "seeding"));
+        invocation.arg(seeds.len());
+        for seed in seeds {
+            invocation.key(&seed.counter);
+            invocation.arg(seed.amount);
+        }
+        for seed in seeds {
+            invocation.arg(expire_at(seed.window_end_ms));
+        }
+        let _: i64 = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+        Ok(())
+    }
+
     async fn read(&self, counter: &str) -> Result<(i64, i64), Unavailable> {
         let mut connection = self.connection().await?;
-        let (used, reserved): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+        let (seed, used, reserved): (Option<i64>, Option<i64>, Option<i64>) = redis::cmd("HMGET")
             .arg(counter)
+            .arg("seed")
             .arg("used")
             .arg("reserved")
             .query_async(&mut connection)
             .await
             .map_err(|e| Unavailable(e.to_string()))?;
-        Ok((used.unwrap_or(0), reserved.unwrap_or(0)))
+        Ok((seed.unwrap_or(0) + used.unwrap_or(0), reserved.unwrap_or(0)))
     }
 }

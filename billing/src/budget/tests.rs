@@ -13,6 +13,15 @@ fn charge(counter: &str, limit: i64, amount: i64, hard: bool) -> Charge {
 }
 
 async fn behaves(counters: &dyn Counters, prefix: &str) {
+    let tag = prefix.to_string();
+    // A tenant is usable once its counters are (re)built; here from an empty ledger.
+    assert_eq!(counters.begin_seed(&tag, 0).await.unwrap(), Some(0));
+    assert_eq!(
+        counters.begin_seed(&tag, 0).await.unwrap(),
+        None,
+        "one rebuild at a time"
+    );
+    counters.finish_seed(&tag, &[]).await.unwrap();
     let budget = format!("tg:{{{prefix}}}:usd");
     let rpm = format!("tg:{{{prefix}}}:rpm");
     let now = 1_000;
@@ -20,6 +29,7 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
     // All or nothing: the RPM charge fits, the budget does not -> neither is held.
     let denied = counters
         .reserve(
+            &tag,
             "r1",
             &[charge(&rpm, 10, 1, true), charge(&budget, 100, 150, true)],
             now,
@@ -38,6 +48,7 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
 
     let rooms = counters
         .reserve(
+            &tag,
             "r2",
             &[charge(&rpm, 10, 1, true), charge(&budget, 100, 60, true)],
             now,
@@ -48,7 +59,7 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
     assert_eq!(rooms, Ok(vec![9, 40]));
     assert_eq!(
         counters
-            .reserve("r3", &[charge(&budget, 100, 50, true)], now, far)
+            .reserve(&tag, "r3", &[charge(&budget, 100, 50, true)], now, far)
             .await
             .unwrap(),
         Err(Denied { index: 0, room: 40 })
@@ -56,19 +67,20 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
     // Soft limits count but never refuse.
     assert_eq!(
         counters
-            .reserve("r3", &[charge(&budget, 100, 50, false)], now, far)
+            .reserve(&tag, "r3", &[charge(&budget, 100, 50, false)], now, far)
             .await
             .unwrap(),
         Ok(vec![-10])
     );
     counters
-        .settle("r3", &[charge(&budget, 100, 0, false)], now)
+        .settle(&tag, "r3", &[charge(&budget, 100, 0, false)], now)
         .await
         .unwrap();
 
     // Settle replaces the hold by the real amount, once.
     counters
         .settle(
+            &tag,
             "r2",
             &[charge(&rpm, 10, 1, true), charge(&budget, 100, 45, true)],
             now,
@@ -77,6 +89,7 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
         .unwrap();
     counters
         .settle(
+            &tag,
             "r2",
             &[charge(&rpm, 10, 1, true), charge(&budget, 100, 45, true)],
             now,
@@ -88,21 +101,21 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
     // A stream that outgrows its hold adds to it under the same request id.
     assert_eq!(
         counters
-            .reserve("r4", &[charge(&budget, 100, 30, true)], now, far)
+            .reserve(&tag, "r4", &[charge(&budget, 100, 30, true)], now, far)
             .await
             .unwrap(),
         Ok(vec![25])
     );
     assert_eq!(
         counters
-            .reserve("r4", &[charge(&budget, 100, 20, true)], now, far)
+            .reserve(&tag, "r4", &[charge(&budget, 100, 20, true)], now, far)
             .await
             .unwrap(),
         Ok(vec![5])
     );
     assert_eq!(counters.read(&budget).await.unwrap(), (45, 50));
     counters
-        .settle("r4", &[charge(&budget, 100, 48, true)], now)
+        .settle(&tag, "r4", &[charge(&budget, 100, 48, true)], now)
         .await
         .unwrap();
     assert_eq!(counters.read(&budget).await.unwrap(), (93, 0));
@@ -110,35 +123,89 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
     // The hold of a gateway that died expires and is released by the next reservation.
     assert_eq!(
         counters
-            .reserve("r5", &[charge(&budget, 100, 7, true)], now, now + 10)
+            .reserve(&tag, "r5", &[charge(&budget, 100, 7, true)], now, now + 10)
             .await
             .unwrap(),
         Ok(vec![0])
     );
     assert_eq!(
         counters
-            .reserve("r6", &[charge(&budget, 100, 7, true)], now + 5, far)
+            .reserve(&tag, "r6", &[charge(&budget, 100, 7, true)], now + 5, far)
             .await
             .unwrap(),
         Err(Denied { index: 0, room: 0 })
     );
     assert_eq!(
         counters
-            .reserve("r6", &[charge(&budget, 100, 7, true)], now + 11, far)
+            .reserve(&tag, "r6", &[charge(&budget, 100, 7, true)], now + 11, far)
             .await
             .unwrap(),
         Ok(vec![0])
     );
     // Its late settle still bills what was really used.
     counters
-        .settle("r5", &[charge(&budget, 100, 2, true)], now + 12)
+        .settle(&tag, "r5", &[charge(&budget, 100, 2, true)], now + 12)
         .await
         .unwrap();
     assert_eq!(counters.read(&budget).await.unwrap(), (95, 7));
 }
 
+/// After counters are lost, a rebuild seeds them from the ledger; settles of requests that ended
+/// before the rebuild's epoch are already in that sum and are not counted twice.
+async fn rebuilds(counters: &dyn Counters, tag: &str, expect_cold: bool) {
+    let budget = format!("tg:{{{tag}}}:usd");
+    let far = i64::MAX / 2;
+    let cold = counters
+        .reserve(tag, "x1", &[charge(&budget, 100, 10, true)], 1_000, far)
+        .await;
+    assert_eq!(
+        cold.is_err(),
+        expect_cold,
+        "no reservations before the rebuild"
+    );
+    if !expect_cold {
+        // In-process counters are never cold; release that hold.
+        counters
+            .settle(tag, "x1", &[charge(&budget, 100, 0, true)], 9_000)
+            .await
+            .unwrap();
+    }
+    let epoch = counters.begin_seed(tag, 5_000).await.unwrap().unwrap();
+    assert_eq!(epoch, 5_000);
+    // A request that ended before the epoch settles: the ledger sum below already has it.
+    counters
+        .settle(tag, "old", &[charge(&budget, 100, 30, true)], 4_000)
+        .await
+        .unwrap();
+    counters
+        .finish_seed(
+            tag,
+            &[Seed {
+                counter: budget.clone(),
+                amount: 30,
+                window_end_ms: i64::MAX,
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(counters.read(&budget).await.unwrap().0, 30);
+    assert_eq!(
+        counters
+            .reserve(tag, "new", &[charge(&budget, 100, 60, true)], 6_000, far)
+            .await
+            .unwrap(),
+        Ok(vec![10])
+    );
+    counters
+        .settle(tag, "new", &[charge(&budget, 100, 55, true)], 6_500)
+        .await
+        .unwrap();
+    assert_eq!(counters.read(&budget).await.unwrap(), (85, 0));
+}
+
 #[tokio::test]
 async fn local_counters() {
+    rebuilds(&LocalCounters::default(), "local-rebuild", false).await;
     behaves(&LocalCounters::default(), "local").await;
 }
 

@@ -30,12 +30,20 @@ pub struct Meter {
     pub outcome: &'static str,
     /// A successful response (or part of one) reached the client: there is something to bill.
     pub served: bool,
+    /// Set once by [`Meter::end`]: the ledger row and the budget settle share this instant.
+    pub ended: Option<Duration>,
 }
 
 impl Meter {
     /// Counts generated text the gateway saw, for when the provider reports no usage.
     pub fn count_completion(&mut self, text: &str) {
         self.counted_completion = self.tokenizer.count(text) as u64;
+    }
+
+    /// Fixes the request's end; returns it as Unix milliseconds (`created_ms + latency_ms`).
+    pub fn end(&mut self) -> i64 {
+        let latency = *self.ended.get_or_insert_with(|| self.started.elapsed());
+        self.created_ms + latency.as_millis() as i64
     }
 
     /// What the request is billed for (and its budgets settled with).
@@ -73,7 +81,8 @@ impl Meter {
         }
     }
 
-    pub fn into_row(self) -> LedgerRow {
+    pub fn into_row(mut self) -> LedgerRow {
+        self.end();
         let (usage, source) = self.billed();
         let provider = self.provider.unwrap_or_default();
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -100,7 +109,7 @@ impl Meter {
             provider_cached_tokens: provider.cached.map(as_i64),
             provider_completion_tokens: provider.completion.map(as_i64),
             usage_source: source.to_string(),
-            latency_ms: self.started.elapsed().as_millis() as i64,
+            latency_ms: self.ended.unwrap_or_default().as_millis() as i64,
             ttft_ms: self.first_byte.map(|d| d.as_millis() as i64),
         }
     }

@@ -200,6 +200,7 @@ impl Gateway {
             status: 0,
             outcome: "rejected",
             served: false,
+            ended: None,
         };
         let mut admission = None;
         if let Err(error) = self
@@ -213,9 +214,11 @@ impl Gateway {
             send_error(session, &error, &meter.request_id).await;
         }
         if let Some(admission) = admission {
+            let ended_ms = meter.end();
+            let usage = meter.billed_usage();
             self.state
                 .limits
-                .settle(admission, meter.request_id.clone(), meter.billed_usage());
+                .settle(admission, meter.request_id.clone(), usage, ended_ms);
         }
         self.state.ledger.record(meter.into_row());
     }
