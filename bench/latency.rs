@@ -2,7 +2,10 @@
 //! `tollgate serve` (release build, SQLite ledger), interleaved so both see the same machine
 //! noise. Reports p50/p99 per scenario and the gateway's overhead in microseconds.
 //!
-//! Run: `cargo bench -p tollgate-gateway --bench latency` (results: bench/RESULTS.md).
+//! A second table measures what budget enforcement adds (Redis and in-process counters).
+//!
+//! Run: `cargo bench -p tollgate-gateway --bench latency` (results: bench/RESULTS.md). Needs
+//! Redis at `TOLLGATE_TEST_REDIS` (default 127.0.0.1:6379).
 
 #[path = "../tests/e2e/harness/mock_upstream.rs"]
 #[allow(dead_code)]
@@ -49,50 +52,48 @@ async fn time_request(
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let mock = mock_upstream::MockUpstream::start("bench").await;
-    let dir = tempfile::tempdir().unwrap();
+/// Starts `tollgate serve` with `policy` (backends, models, tenants) and one key per tenant.
+async fn start_gateway(
+    dir: &std::path::Path,
+    name: &str,
+    policy: &str,
+    tenants: &[&str],
+) -> (String, std::process::Child, Vec<String>) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let config = dir.path().join("bench.yaml");
+    let config = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &config,
-        format!(
-            "listen: [\"127.0.0.1:{port}\"]\ndatabase_url: sqlite://{}/bench.db\nthreads: 1\n\
-             backends:\n  - {{ name: mock, base_url: \"{}\" }}\n\
-             models:\n  - name: m\n    price: {{ input: 1, output: 2 }}\n    targets: [{{ backend: mock, model: m }}]\n\
-             tenants:\n  - name: bench\n",
-            dir.path().display(),
-            mock.base_url()
-        ),
+        format!("listen: [\"127.0.0.1:{port}\"]\ndatabase_url: sqlite://{}/{name}.db\nthreads: 1\n{policy}", dir.display()),
     )
     .unwrap();
     let bin = env!("CARGO_BIN_EXE_tollgate");
-    let out = Command::new(bin)
-        .arg("--config")
-        .arg(&config)
-        .args(["keys", "create", "--tenant", "bench"])
-        .output()
-        .unwrap();
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let mut gateway = Command::new(bin)
+    let keys = tenants
+        .iter()
+        .map(|tenant| {
+            let out = Command::new(bin)
+                .arg("--config")
+                .arg(&config)
+                .args(["keys", "create", "--tenant", tenant])
+                .output()
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        })
+        .collect();
+    let child = Command::new(bin)
         .arg("--config")
         .arg(&config)
         .arg("serve")
+        .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let client = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .build()
-        .unwrap();
-    let gateway_url = format!("http://127.0.0.1:{port}/v1/chat/completions");
-    for _ in 0..200 {
+    let client = reqwest::Client::new();
+    for _ in 0..400 {
         if client
             .get(format!("http://127.0.0.1:{port}/healthz"))
             .send()
@@ -103,6 +104,54 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (
+        format!("http://127.0.0.1:{port}/v1/chat/completions"),
+        child,
+        keys,
+    )
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let mock = mock_upstream::MockUpstream::start("bench").await;
+    let dir = tempfile::tempdir().unwrap();
+    let backends = format!(
+        "backends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1, output: 2 }}\n    targets: [{{ backend: mock, model: m }}]\n",
+        mock.base_url()
+    );
+    let limited = "    budgets: [{ limit_usd: 1000000, period: monthly }]\n    rpm: 100000000\n    tpm: 1000000000\n";
+    let run = chrono::Utc::now().timestamp_millis();
+    let redis =
+        std::env::var("TOLLGATE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let shared_policy = format!("redis_url: {redis}\n{backends}tenants:\n  - name: free\n  - name: limited-{run}\n{limited}");
+    let limited_name = format!("limited-{run}");
+    let (gateway_url, gateway, keys) = start_gateway(
+        dir.path(),
+        "shared",
+        &shared_policy,
+        &["free", &limited_name],
+    )
+    .await;
+    let (key, redis_key) = (keys[0].clone(), keys[1].clone());
+    let local_policy = format!("{backends}tenants:\n  - name: limited\n{limited}");
+    let (local_url, local_gateway, local_keys) =
+        start_gateway(dir.path(), "local", &local_policy, &["limited"]).await;
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .unwrap();
     let direct_url = format!("{}/chat/completions", mock.base_url());
 
     let prompt_300 = "The gateway must add almost nothing to latency. ".repeat(30);
@@ -144,7 +193,6 @@ async fn main() {
         }
         direct.sort();
         via.sort();
-        let us = |d: Duration| d.as_secs_f64() * 1e6;
         let (d50, g50, d99, g99) = (
             percentile(&direct, 0.5),
             percentile(&via, 0.5),
@@ -162,9 +210,42 @@ async fn main() {
             us(g50) / us(d50)
         );
     }
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(gateway.id().to_string())
-        .status();
-    let _ = gateway.wait();
+
+    // Cost of budget enforcement: the same small request through the same gateway for a tenant
+    // with no limits, for one with a budget + RPM + TPM on Redis (one Lua call to reserve, one to
+    // settle), and through a Redis-less gateway enforcing them in-process.
+    let body = json!({"model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": prompt_300}]});
+    let paths = [
+        ("no limits (baseline)", &gateway_url, &key),
+        ("budget + RPM + TPM, Redis", &gateway_url, &redis_key),
+        ("budget + RPM + TPM, in-process", &local_url, &local_keys[0]),
+    ];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
+    for i in 0..ROUNDS + 50 {
+        for (j, (_, url, key)) in paths.iter().enumerate() {
+            let t = time_request(&client, url, key, &body, false).await;
+            if i >= 50 {
+                samples[j].push(t);
+            }
+        }
+    }
+    println!();
+    println!("| limits | p50 | p99 | added p50 vs no limits | added p99 vs no limits |");
+    println!("|---|---|---|---|---|");
+    for s in &mut samples {
+        s.sort();
+    }
+    let (base50, base99) = (percentile(&samples[0], 0.5), percentile(&samples[0], 0.99));
+    for ((name, _, _), s) in paths.iter().zip(&samples) {
+        let (p50, p99) = (percentile(s, 0.5), percentile(s, 0.99));
+        println!(
+            "| {name} | {:.0} µs | {:.0} µs | {:+.0} µs | {:+.0} µs |",
+            us(p50),
+            us(p99),
+            us(p50) - us(base50),
+            us(p99) - us(base99)
+        );
+    }
+    stop(gateway);
+    stop(local_gateway);
 }
