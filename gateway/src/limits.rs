@@ -15,7 +15,11 @@ use tollgate_billing::budget::{
 use tollgate_billing::price::{Price, Usage};
 use tollgate_billing::store::Store;
 
-use crate::config::{Budget, Metric, OnRedisDown, Policy, Tenant};
+use hmac::{Hmac, Mac};
+use serde_json::json;
+use sha2::Sha256;
+
+use crate::config::{Alerts, Budget, Metric, OnRedisDown, Policy, Tenant};
 use crate::proxy::error::ApiError;
 
 /// What a counter measures, for headers and messages.
@@ -40,6 +44,7 @@ struct Planned {
 pub struct Admission {
     /// The tenant: the counters' hash tag.
     tag: String,
+    alerts: Option<Arc<Alerts>>,
     planned: Vec<Planned>,
     /// Room left on each charge after the reservation.
     rooms: Vec<i64>,
@@ -54,6 +59,7 @@ impl Admission {
     fn none(price: Price) -> Admission {
         Admission {
             tag: String::new(),
+            alerts: None,
             planned: Vec::new(),
             rooms: Vec::new(),
             reserved_output: u64::MAX,
@@ -106,6 +112,7 @@ pub struct Limits {
     shared: Option<RedisCounters>,
     local: LocalCounters,
     hold: Duration,
+    http: reqwest::Client,
 }
 
 fn now_ms() -> i64 {
@@ -261,10 +268,14 @@ impl Limits {
             Some(url) => Some(RedisCounters::new(url, policy.redis_timeout)?),
             None => None,
         };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?;
         Ok(Limits {
             shared,
             local: LocalCounters::default(),
             hold: policy.reservation_ttl,
+            http,
         })
     }
 
@@ -384,6 +395,7 @@ impl Limits {
         match result {
             Ok(rooms) => Ok(Admission {
                 tag: tenant.name.clone(),
+                alerts: tenant.alerts.clone(),
                 planned,
                 rooms,
                 reserved_output: output_tokens,
@@ -468,6 +480,93 @@ impl Limits {
         }
     }
 
+    /// Sends each budget threshold that the settle just reached, once per budget period across
+    /// all replicas (the store keeps the markers).
+    async fn alert(&self, admission: &Admission, charges: &[Charge], totals: &[i64]) {
+        let Some(alerts) = &admission.alerts else {
+            return;
+        };
+        for ((planned, charge), total) in admission.planned.iter().zip(charges).zip(totals) {
+            if planned.rate || charge.limit <= 0 {
+                continue;
+            }
+            let percent = (i128::from(*total) * 100 / i128::from(charge.limit)) as i64;
+            for threshold in alerts
+                .thresholds
+                .iter()
+                .filter(|t| percent >= i64::from(**t))
+            {
+                let marker = format!("{}:alert:{threshold}", charge.counter);
+                let expire_at = if charge.window_end_ms == i64::MAX {
+                    i64::MAX / 2
+                } else {
+                    charge.window_end_ms + 86_400_000
+                };
+                match self
+                    .store(admission.local)
+                    .first_alert(&admission.tag, &marker, expire_at)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!("cannot record a budget alert: {e}");
+                        continue;
+                    }
+                }
+                let window = charge.counter.rsplit(':').next().unwrap_or_default();
+                let unit = if planned.measure == Measure::Micros {
+                    "usd_micros"
+                } else {
+                    "tokens"
+                };
+                let body = json!({
+                    "type": "budget.threshold",
+                    "tenant": admission.tag,
+                    "budget": planned.label,
+                    "mode": if charge.hard { "hard" } else { "soft" },
+                    "window": window,
+                    "threshold_percent": threshold,
+                    "used": total,
+                    "limit": charge.limit,
+                    "unit": unit,
+                    "sent_at": chrono::Utc::now().to_rfc3339(),
+                });
+                self.send_alert(alerts, body.to_string()).await;
+            }
+        }
+    }
+
+    /// POSTs an alert signed with HMAC-SHA256 (`x-tollgate-signature: sha256=<hex>`), retrying
+    /// a few times.
+    async fn send_alert(&self, alerts: &Alerts, body: String) {
+        let Some(secret) = &alerts.secret else {
+            tracing::error!("budget alert not sent: no signing secret configured");
+            return;
+        };
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+        mac.update(body.as_bytes());
+        let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        for attempt in 0..3u32 {
+            let sent = self
+                .http
+                .post(&alerts.webhook_url)
+                .header("content-type", "application/json")
+                .header("x-tollgate-signature", &signature)
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => return,
+                Ok(r) => tracing::warn!(status = %r.status(), "budget alert webhook refused"),
+                Err(e) => tracing::warn!("budget alert webhook failed: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(attempt))).await;
+        }
+        tracing::error!("budget alert dropped after retries");
+    }
+
     /// Replaces the reservation by the real usage. Runs in the background and retries while the
     /// store is unreachable (settle is idempotent per request id).
     pub fn settle(
@@ -503,7 +602,7 @@ impl Limits {
                     .settle(&admission.tag, &request_id, &charges, ended_ms)
                     .await
                 {
-                    Ok(()) => return,
+                    Ok(totals) => return limits.alert(&admission, &charges, &totals).await,
                     Err(e) => tracing::warn!(%request_id, "settle failed, retrying: {e}"),
                 }
                 tokio::time::sleep(pause).await;

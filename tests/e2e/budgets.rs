@@ -517,3 +517,87 @@ async fn the_embedded_default_keeps_its_budget_across_restarts() {
         .unwrap();
     assert_eq!(r.status(), 200, "a request that fits still passes");
 }
+
+#[tokio::test]
+async fn budget_alerts_reach_the_webhook_once_per_threshold_signed() {
+    use hmac::{Hmac, Mac};
+    use std::sync::{Arc, Mutex};
+
+    // A webhook receiver that records each body with its signature.
+    let received: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let sink = sink.clone();
+            async move {
+                let signature = headers["x-tollgate-signature"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                sink.lock().unwrap().push((body, signature));
+                "ok"
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let mock = MockUpstream::start("m").await;
+    let tenant = unique("alerts");
+    let yaml = format!(
+        "redis_url: {}\nbackends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 1.0 }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n  - name: {tenant}\n    budgets: [{{ limit_usd: 0.001, period: daily, mode: soft }}]\n    alerts: {{ webhook_url: \"{hook}\", secret_env: TOLLGATE_TEST_PROVIDER_KEY, thresholds: [100, 50] }}\n",
+        redis_url(),
+        mock.base_url()
+    );
+    let (mut gateways, pg_name) = replicas(&yaml, 2).await;
+    let key = shared_key(&gateways, &tenant).await;
+    let client = reqwest::Client::new();
+    // ~300 micro-dollars each, alternating replicas: 50% is crossed on the 2nd, 100% on the 4th;
+    // a soft budget keeps serving past it.
+    for i in 0..7 {
+        let url = format!("{}/v1/chat/completions", gateways[i % 2].url());
+        let r = client
+            .post(url)
+            .bearer_auth(&key)
+            .json(&spend_request(100, 190))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for _ in 0..100 {
+        if received.lock().unwrap().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let alerts = received.lock().unwrap().clone();
+    assert_eq!(alerts.len(), 2, "one alert per threshold: {alerts:#?}");
+    let mut thresholds = Vec::new();
+    for (body, signature) in &alerts {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"sk-provider-secret").unwrap();
+        mac.update(body.as_bytes());
+        assert_eq!(
+            signature,
+            &format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
+            "signed"
+        );
+        let alert: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(alert["tenant"], tenant.as_str());
+        assert_eq!(alert["type"], "budget.threshold");
+        assert!(
+            alert["used"].as_i64().unwrap() * 100
+                >= alert["limit"].as_i64().unwrap() * alert["threshold_percent"].as_i64().unwrap()
+        );
+        thresholds.push(alert["threshold_percent"].as_i64().unwrap());
+    }
+    thresholds.sort();
+    assert_eq!(thresholds, [50, 100]);
+    for gw in &mut gateways {
+        gw.stop();
+    }
+    drop_postgres(&pg_name).await;
+}

@@ -108,10 +108,10 @@ impl Counters for LocalCounters {
         request_id: &str,
         charges: &[Charge],
         ended_ms: i64,
-    ) -> Result<(), Unavailable> {
+    ) -> Result<Vec<i64>, Unavailable> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.epochs.get(tag).is_some_and(|epoch| ended_ms < *epoch) {
-            return Ok(()); // counted by the ledger rebuild
+            return Ok(Vec::new()); // counted by the ledger rebuild
         }
         let forget_at = ended_ms + SETTLED_MEMORY_MS;
         if state
@@ -119,8 +119,9 @@ impl Counters for LocalCounters {
             .insert(request_id.to_string(), forget_at)
             .is_some()
         {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let mut totals = Vec::with_capacity(charges.len());
         for charge in charges {
             let counter = state.counters.entry(charge.counter.clone()).or_default();
             counter.window_end_ms = charge.window_end_ms;
@@ -128,8 +129,23 @@ impl Counters for LocalCounters {
                 counter.reserved -= held;
             }
             counter.used += charge.amount;
+            totals.push(counter.seed + counter.used);
         }
-        Ok(())
+        Ok(totals)
+    }
+
+    async fn first_alert(
+        &self,
+        _tag: &str,
+        marker: &str,
+        expire_at_ms: i64,
+    ) -> Result<bool, Unavailable> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Markers share the settled-id memory: same shape (id -> when to forget).
+        Ok(state
+            .settled
+            .insert(format!("alert:{marker}"), expire_at_ms)
+            .is_none())
     }
 
     async fn begin_seed(&self, tag: &str, now_ms: i64) -> Result<Option<i64>, Unavailable> {

@@ -81,14 +81,25 @@ pub trait Counters: Send + Sync {
 
     /// Releases the request's holds and adds the real amounts (`charges[i].amount`). Idempotent:
     /// a request id is settled at most once. `ended_ms` is when the request ended, the same
-    /// instant its ledger row records (`created_ms + latency_ms`).
+    /// instant its ledger row records (`created_ms + latency_ms`). Returns each counter's counted
+    /// total after the settle, or nothing when this call changed nothing (already settled, or
+    /// left to a ledger rebuild).
     async fn settle(
         &self,
         tag: &str,
         request_id: &str,
         charges: &[Charge],
         ended_ms: i64,
-    ) -> Result<(), Unavailable>;
+    ) -> Result<Vec<i64>, Unavailable>;
+
+    /// True exactly once per `marker` (until `expire_at_ms`), across every replica sharing the
+    /// store: alerts are sent once per threshold per period.
+    async fn first_alert(
+        &self,
+        tag: &str,
+        marker: &str,
+        expire_at_ms: i64,
+    ) -> Result<bool, Unavailable>;
 
     /// Counted amount (seed included) and current holds of a counter.
     async fn read(&self, counter: &str) -> Result<(i64, i64), Unavailable>;

@@ -64,8 +64,9 @@ const SETTLE: &str = r#"
 local id, n, ended = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 local epoch = redis.call('GET', KEYS[2])
 -- Cold, or ended before the rebuild's cut-off: the ledger sum counts this request.
-if not epoch or ended < tonumber(epoch) then return 2 end
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[3]) then return 0 end
+if not epoch or ended < tonumber(epoch) then return {} end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[3]) then return {} end
+local totals = {}
 for i = 1, n do
   local c, z = KEYS[2*i+1], KEYS[2*i+2]
   local held = redis.call('HGET', c, 'r:' .. id)
@@ -74,11 +75,12 @@ for i = 1, n do
     redis.call('HDEL', c, 'r:' .. id)
     redis.call('ZREM', z, id)
   end
-  redis.call('HINCRBY', c, 'used', tonumber(ARGV[4 + i]))
+  local used = redis.call('HINCRBY', c, 'used', tonumber(ARGV[4 + i]))
+  totals[i] = used + tonumber(redis.call('HGET', c, 'seed') or '0')
   local expire_at = tonumber(ARGV[4 + n + i])
   if expire_at > 0 then redis.call('PEXPIREAT', c, expire_at) end
 end
-return 1
+return totals
 "#;
 
 const BEGIN_SEED: &str = r#"
@@ -233,7 +235,7 @@ impl Counters for RedisCounters {
         request_id: &str,
         charges: &[Charge],
         ended_ms: i64,
-    ) -> Result<(), Unavailable> {
+    ) -> Result<Vec<i64>, Unavailable> {
         let mut connection = self.connection().await?;
         let mut invocation = self.settle.prepare_invoke();
         invocation
@@ -255,11 +257,29 @@ impl Counters for RedisCounters {
         for charge in charges {
             invocation.arg(expire_at(charge.window_end_ms));
         }
-        let _: i64 = invocation
+        invocation
             .invoke_async(&mut connection)
             .await
+            .map_err(|e| Unavailable(e.to_string()))
+    }
+
+    async fn first_alert(
+        &self,
+        tag: &str,
+        marker: &str,
+        expire_at_ms: i64,
+    ) -> Result<bool, Unavailable> {
+        let mut connection = self.connection().await?;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(tenant_key(tag, &format!("alert:{marker}")))
+            .arg("1")
+            .arg("NX")
+            .arg("PXAT")
+            .arg(expire_at_ms)
+            .query_async(&mut connection)
+            .await
             .map_err(|e| Unavailable(e.to_string()))?;
-        Ok(())
+        Ok(set.is_some())
     }
 
     async fn begin_seed(&self, tag: &str, now_ms: i64) -> Result<Option<i64>, Unavailable> {

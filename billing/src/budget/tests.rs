@@ -148,6 +148,23 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
         .await
         .unwrap();
     assert_eq!(counters.read(&budget).await.unwrap(), (95, 7));
+
+    // Settle reports the counted totals, once.
+    let totals = counters
+        .settle(&tag, "r6", &[charge(&budget, 100, 1, true)], now + 13)
+        .await
+        .unwrap();
+    assert_eq!(totals, vec![96]);
+    assert!(counters
+        .settle(&tag, "r6", &[charge(&budget, 100, 1, true)], now + 14)
+        .await
+        .unwrap()
+        .is_empty());
+    // Alert markers fire once.
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    assert!(counters.first_alert(&tag, "b:50", until).await.unwrap());
+    assert!(!counters.first_alert(&tag, "b:50", until).await.unwrap());
+    assert!(counters.first_alert(&tag, "b:80", until).await.unwrap());
 }
 
 /// After counters are lost, a rebuild seeds them from the ledger; settles of requests that ended

@@ -151,6 +151,20 @@ pub struct TenantSection {
     /// Serve models without a price (billed at zero). Refused by default.
     #[serde(default)]
     pub allow_unpriced: bool,
+    /// Budget threshold alerts, delivered to a webhook.
+    #[serde(default)]
+    pub alerts: Option<AlertsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsSection {
+    pub webhook_url: String,
+    /// Environment variable holding the HMAC-SHA256 key that signs each alert body.
+    pub secret_env: String,
+    /// Percentages of each budget; each is alerted once per budget period.
+    #[serde(default = "default_thresholds")]
+    pub thresholds: Vec<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -271,4 +285,7 @@ fn default_time_zone() -> String {
 }
 fn default_output_tokens() -> u64 {
     4096
+}
+fn default_thresholds() -> Vec<u32> {
+    vec![50, 80, 100]
 }

@@ -135,6 +135,17 @@ pub struct Tenant {
     pub on_exhausted: OnExhausted,
     pub on_redis_down: OnRedisDown,
     pub allow_unpriced: bool,
+    pub alerts: Option<Arc<Alerts>>,
+}
+
+/// Where and when budget alerts go.
+#[derive(Debug)]
+pub struct Alerts {
+    pub webhook_url: String,
+    /// HMAC-SHA256 key; alerts are not sent without it (they must be verifiable).
+    pub secret: Option<Vec<u8>>,
+    /// Sorted, distinct percentages.
+    pub thresholds: Vec<u32>,
 }
 
 impl Tenant {
@@ -553,7 +564,40 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
         if t.default_output_tokens == 0 {
             errors.add(format!("{at}.default_output_tokens"), "must be at least 1");
         }
+        let alerts = t.alerts.as_ref().map(|a| {
+            if !(a.webhook_url.starts_with("http://") || a.webhook_url.starts_with("https://")) {
+                errors.add(
+                    format!("{at}.alerts.webhook_url"),
+                    "must be an http:// or https:// URL",
+                );
+            }
+            let mut thresholds = a.thresholds.clone();
+            thresholds.sort_unstable();
+            thresholds.dedup();
+            if thresholds.is_empty() || thresholds.iter().any(|t| !(1..=1000).contains(t)) {
+                errors.add(
+                    format!("{at}.alerts.thresholds"),
+                    "must be percentages between 1 and 1000",
+                );
+            }
+            let secret = std::env::var(&a.secret_env)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .map(String::into_bytes);
+            if secret.is_none() {
+                warnings.push(format!(
+                    "tenant `{}`: {} is not set; budget alerts will not be sent",
+                    t.name, a.secret_env
+                ));
+            }
+            Arc::new(Alerts {
+                webhook_url: a.webhook_url.clone(),
+                secret,
+                thresholds,
+            })
+        });
         let tenant = Tenant {
+            alerts,
             name: t.name.clone(),
             models,
             time_zone,
