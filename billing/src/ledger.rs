@@ -52,6 +52,9 @@ pub struct LedgerRow {
     pub latency_ms: i64,
     /// Time to the first body byte sent to the client, for streams.
     pub ttft_ms: Option<i64>,
+    /// The tenant's tags (a JSON object) when the request was made.
+    #[serde(default)]
+    pub tags: Option<String>,
 }
 
 /// Tuning for the background writer.

@@ -69,7 +69,7 @@ fn now_ms() -> i64 {
 const LEDGER_INSERT: &str = "INSERT INTO ledger (request_id, created_ms, tenant, key_id, endpoint, model, \
     backend, upstream_model, stream, status, outcome, attempts, prompt_tokens, cached_tokens, \
     completion_tokens, counted_prompt_tokens, counted_completion_tokens, provider_prompt_tokens, \
-    provider_cached_tokens, provider_completion_tokens, usage_source, cost_micros, latency_ms, ttft_ms) ";
+    provider_cached_tokens, provider_completion_tokens, usage_source, cost_micros, latency_ms, ttft_ms, tags) ";
 const LEDGER_CONFLICT: &str = " ON CONFLICT (request_id) DO NOTHING";
 
 macro_rules! push_ledger_values {
@@ -97,7 +97,8 @@ macro_rules! push_ledger_values {
             .push_bind($r.usage_source.clone())
             .push_bind($r.cost_micros)
             .push_bind($r.latency_ms)
-            .push_bind($r.ttft_ms);
+            .push_bind($r.ttft_ms)
+            .push_bind($r.tags.clone());
     };
 }
 
@@ -128,6 +129,7 @@ macro_rules! ledger_from_row {
             cost_micros: $row.try_get("cost_micros")?,
             latency_ms: $row.try_get("latency_ms")?,
             ttft_ms: $row.try_get("ttft_ms")?,
+            tags: $row.try_get("tags")?,
         })
     };
 }

@@ -77,6 +77,11 @@ async fn chat_is_rewritten_proxied_and_metered() {
         / 1_000_000;
     assert_eq!(row.cost_micros as u128, expected);
     assert_eq!(row.attempts, 1);
+    assert_eq!(
+        row.tags.as_deref(),
+        Some(r#"{"cost_center":"cc-42","team":"platform"}"#),
+        "chargeback tags"
+    );
 }
 
 async fn read_sse(response: reqwest::Response) -> (Vec<Value>, bool, Vec<Duration>) {

@@ -151,6 +151,10 @@ pub struct TenantSection {
     /// Serve models without a price (billed at zero). Refused by default.
     #[serde(default)]
     pub allow_unpriced: bool,
+    /// Free-form labels for chargeback (team, project, cost_center, ...), recorded on every
+    /// ledger row.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
     /// Budget threshold alerts, delivered to a webhook.
     #[serde(default)]
     pub alerts: Option<AlertsSection>,

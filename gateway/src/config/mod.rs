@@ -136,6 +136,8 @@ pub struct Tenant {
     pub on_redis_down: OnRedisDown,
     pub allow_unpriced: bool,
     pub alerts: Option<Arc<Alerts>>,
+    /// Tags as the JSON object stored on ledger rows; `None` without tags.
+    pub tags_json: Option<Arc<str>>,
 }
 
 /// Where and when budget alerts go.
@@ -596,7 +598,10 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
                 thresholds,
             })
         });
+        let tags_json = (!t.tags.is_empty())
+            .then(|| Arc::from(serde_json::to_string(&t.tags).unwrap_or_default()));
         let tenant = Tenant {
+            tags_json,
             alerts,
             name: t.name.clone(),
             models,

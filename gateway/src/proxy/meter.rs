@@ -30,6 +30,7 @@ pub struct Meter {
     pub outcome: &'static str,
     /// A successful response (or part of one) reached the client: there is something to bill.
     pub served: bool,
+    pub tags: Option<std::sync::Arc<str>>,
     /// Set once by [`Meter::end`]: the ledger row and the budget settle share this instant.
     pub ended: Option<Duration>,
 }
@@ -111,6 +112,7 @@ impl Meter {
             usage_source: source.to_string(),
             latency_ms: self.ended.unwrap_or_default().as_millis() as i64,
             ttft_ms: self.first_byte.map(|d| d.as_millis() as i64),
+            tags: self.tags.map(|t| t.to_string()),
         }
     }
 }

@@ -201,6 +201,12 @@ impl Gateway {
             outcome: "rejected",
             served: false,
             ended: None,
+            tags: self
+                .state
+                .policy
+                .tenants
+                .get(&key.tenant)
+                .and_then(|t| t.tags_json.clone()),
         };
         let mut admission = None;
         if let Err(error) = self

@@ -216,7 +216,7 @@ pub fn policy(backends: &[(&str, String)], extra_backend_yaml: &str) -> String {
         "      - {{ backend: {}, model: upstream-embed }}\n",
         backends[0].0
     ));
-    yaml.push_str("tenants:\n  - name: acme\n  - name: other\n    models: [embed-test]\n");
+    yaml.push_str("tenants:\n  - name: acme\n    tags: { team: platform, cost_center: \"cc-42\" }\n  - name: other\n    models: [embed-test]\n");
     yaml
 }
 
