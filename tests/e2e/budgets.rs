@@ -127,6 +127,14 @@ async fn settled(counter: &str) -> i64 {
     panic!("holds never settled on {counter}");
 }
 
+/// Per-minute limits reset with the minute: start a test early enough in one.
+async fn stay_inside_one_minute() {
+    let second = chrono::Utc::now().timestamp() % 60;
+    if second > 40 {
+        tokio::time::sleep(Duration::from_secs((61 - second) as u64)).await;
+    }
+}
+
 fn month() -> String {
     chrono::Utc::now().format("%Y-%m").to_string()
 }
@@ -192,11 +200,7 @@ async fn a_one_dollar_budget_holds_across_three_replicas() {
 
 #[tokio::test]
 async fn rpm_and_tpm_hold_across_three_replicas() {
-    // Stay inside one minute window.
-    let second = chrono::Utc::now().timestamp() % 60;
-    if second > 40 {
-        tokio::time::sleep(Duration::from_secs((61 - second) as u64)).await;
-    }
+    stay_inside_one_minute().await;
     let mock = MockUpstream::start("m").await;
     let by_requests = unique("rpm");
     let by_tokens = unique("tpm");
@@ -600,4 +604,81 @@ async fn budget_alerts_reach_the_webhook_once_per_threshold_signed() {
         gw.stop();
     }
     drop_postgres(&pg_name).await;
+}
+
+#[tokio::test]
+async fn limit_headers_retry_after_and_unpriced_models() {
+    stay_inside_one_minute().await;
+    let mock = MockUpstream::start("m").await;
+    let tenant = unique("headers");
+    let yaml = format!(
+        "backends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 1.0 }}\n    targets: [{{ backend: mock, model: up }}]\n  - name: free\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n  - name: {tenant}\n    rpm: 2\n    tpm: 100000\n    budgets: [{{ limit_usd: 3, period: monthly }}]\n",
+        mock.base_url()
+    );
+    let gw = Gateway::start(&yaml, None).await;
+    let key = gw.create_key(&tenant).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let r = client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&spend_request(10, 20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h["x-ratelimit-limit-requests"], "2");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "1");
+    assert_eq!(h["x-ratelimit-limit-tokens"], "100000");
+    assert!(h["x-ratelimit-reset-requests"]
+        .to_str()
+        .unwrap()
+        .ends_with('s'));
+    let remaining: f64 = h["x-tollgate-budget-remaining"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(remaining < 3.0 && remaining > 2.99, "{remaining}");
+
+    // Unpriced models are refused unless the tenant allows them (and cost no RPM).
+    let r = client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&json!({"model": "free", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "model_unpriced"
+    );
+
+    let r = client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&spend_request(10, 20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&spend_request(10, 20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    let error: Value = r.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(error["error"]["type"], "requests");
 }
