@@ -22,12 +22,18 @@ fn unique(name: &str) -> String {
     )
 }
 
-fn policy(mock: &MockUpstream, tenants: &str) -> String {
+/// A policy with one model `m` on `mock`, priced `input`/`output` USD per 1M tokens. `head`
+/// comes first (e.g. [`shared_counters`]); `tenants` is the list under `tenants:`.
+fn policy(mock: &MockUpstream, head: &str, (input, output): (f64, f64), tenants: &str) -> String {
     format!(
-        "redis_url: {}\nbackends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 2.0 }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n{tenants}",
-        redis_url(),
+        "{head}backends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: {input:?}, output: {output:?} }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n{tenants}",
         mock.base_url()
     )
+}
+
+/// Counters in the test Redis.
+fn shared_counters() -> String {
+    format!("redis_url: {}\n", redis_url())
 }
 
 async fn replicas(policy: &str, n: usize) -> (Vec<Gateway>, String) {
@@ -143,7 +149,7 @@ fn month() -> String {
 async fn a_one_dollar_budget_holds_across_three_replicas() {
     let mock = MockUpstream::start("m").await;
     let tenant = unique("dollar");
-    let yaml = policy(&mock, &format!("  - name: {tenant}\n    budgets: [{{ limit_usd: 1.00, period: monthly, mode: hard }}]\n"));
+    let yaml = policy(&mock, &shared_counters(), (1.0, 2.0), &format!("  - name: {tenant}\n    budgets: [{{ limit_usd: 1.00, period: monthly, mode: hard }}]\n"));
     let (mut gateways, pg_name) = replicas(&yaml, 3).await;
     let key = shared_key(&gateways, &tenant).await;
 
@@ -204,10 +210,9 @@ async fn rpm_and_tpm_hold_across_three_replicas() {
     let mock = MockUpstream::start("m").await;
     let by_requests = unique("rpm");
     let by_tokens = unique("tpm");
-    let yaml = policy(
-        &mock,
-        &format!("  - name: {by_requests}\n    rpm: 40\n  - name: {by_tokens}\n    tpm: 20000\n"),
-    );
+    let tenants =
+        format!("  - name: {by_requests}\n    rpm: 40\n  - name: {by_tokens}\n    tpm: 20000\n");
+    let yaml = policy(&mock, &shared_counters(), (1.0, 2.0), &tenants);
     let (mut gateways, pg_name) = replicas(&yaml, 3).await;
     let rpm_key = shared_key(&gateways, &by_requests).await;
     let tpm_key = shared_key(&gateways, &by_tokens).await;
@@ -260,9 +265,11 @@ async fn a_stream_is_cut_at_its_budget_and_billed_what_was_delivered() {
     let tenant = unique("cut");
     // $1 per 1M tokens both ways: one micro-dollar per token. Room for ~200 tokens in all;
     // the reservation starts at the prompt plus 40 output tokens.
-    let yaml = format!(
-        "backends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 1.0 }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n  - name: {tenant}\n    default_output_tokens: 40\n    budgets: [{{ limit_usd: 0.0002, period: total }}]\n",
-        mock.base_url()
+    let yaml = policy(
+        &mock,
+        "",
+        (1.0, 1.0),
+        &format!("  - name: {tenant}\n    default_output_tokens: 40\n    budgets: [{{ limit_usd: 0.0002, period: total }}]\n"),
     );
     let gw = Gateway::start(&yaml, None).await;
     let key = gw.create_key(&tenant).await;
@@ -333,9 +340,11 @@ async fn an_unreachable_redis_fails_closed_or_open_per_tenant() {
     let closed = unique("closed");
     let open = unique("open");
     let dead_redis = format!("redis://127.0.0.1:{}", crate::harness::gateway::free_port());
-    let yaml = format!(
-        "redis_url: {dead_redis}\nredis_timeout_ms: 100\nbackends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 2.0 }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n  - name: {closed}\n    rpm: 100\n  - name: {open}\n    rpm: 2\n    on_redis_down: fail_open\n  - name: free\n",
-        mock.base_url()
+    let yaml = policy(
+        &mock,
+        &format!("redis_url: {dead_redis}\nredis_timeout_ms: 100\n"),
+        (1.0, 2.0),
+        &format!("  - name: {closed}\n    rpm: 100\n  - name: {open}\n    rpm: 2\n    on_redis_down: fail_open\n  - name: free\n"),
     );
     let gw = Gateway::start(&yaml, None).await;
     let client = reqwest::Client::new();
@@ -399,10 +408,11 @@ fn spend_request(words: usize, max_tokens: u64) -> Value {
 async fn lost_counters_are_rebuilt_from_the_ledger_without_overshoot() {
     let mock = MockUpstream::start("m").await;
     let tenant = unique("rebuilt");
-    let yaml = format!(
-        "redis_url: {}\nbackends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 1.0 }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n  - name: {tenant}\n    budgets: [{{ limit_usd: 0.01, period: monthly }}]\n",
-        redis_url(),
-        mock.base_url()
+    let yaml = policy(
+        &mock,
+        &shared_counters(),
+        (1.0, 1.0),
+        &format!("  - name: {tenant}\n    budgets: [{{ limit_usd: 0.01, period: monthly }}]\n"),
     );
     let (mut gateways, pg_name) = replicas(&yaml, 2).await;
     let key = shared_key(&gateways, &tenant).await;
@@ -485,9 +495,11 @@ async fn lost_counters_are_rebuilt_from_the_ledger_without_overshoot() {
 async fn the_embedded_default_keeps_its_budget_across_restarts() {
     let mock = MockUpstream::start("m").await;
     let tenant = unique("embedded");
-    let yaml = format!(
-        "backends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 1.0 }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n  - name: {tenant}\n    budgets: [{{ limit_usd: 0.002, period: daily }}]\n",
-        mock.base_url()
+    let yaml = policy(
+        &mock,
+        "",
+        (1.0, 1.0),
+        &format!("  - name: {tenant}\n    budgets: [{{ limit_usd: 0.002, period: daily }}]\n"),
     );
     let mut gw = Gateway::start(&yaml, None).await;
     let key = gw.create_key(&tenant).await;
@@ -550,11 +562,10 @@ async fn budget_alerts_reach_the_webhook_once_per_threshold_signed() {
 
     let mock = MockUpstream::start("m").await;
     let tenant = unique("alerts");
-    let yaml = format!(
-        "redis_url: {}\nbackends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: m\n    price: {{ input: 1.0, output: 1.0 }}\n    targets: [{{ backend: mock, model: up }}]\ntenants:\n  - name: {tenant}\n    budgets: [{{ limit_usd: 0.001, period: daily, mode: soft }}]\n    alerts: {{ webhook_url: \"{hook}\", secret_env: TOLLGATE_TEST_PROVIDER_KEY, thresholds: [100, 50] }}\n",
-        redis_url(),
-        mock.base_url()
+    let tenants = format!(
+        "  - name: {tenant}\n    budgets: [{{ limit_usd: 0.001, period: daily, mode: soft }}]\n    alerts: {{ webhook_url: \"{hook}\", secret_env: TOLLGATE_TEST_PROVIDER_KEY, thresholds: [100, 50] }}\n"
     );
+    let yaml = policy(&mock, &shared_counters(), (1.0, 1.0), &tenants);
     let (mut gateways, pg_name) = replicas(&yaml, 2).await;
     let key = shared_key(&gateways, &tenant).await;
     let client = reqwest::Client::new();
