@@ -44,6 +44,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Complexity routing tools.
+    Router {
+        #[command(subcommand)]
+        command: RouterCommand,
+    },
     /// Totals from the usage ledger.
     Usage {
         #[arg(long)]
@@ -60,6 +65,17 @@ enum ConfigCommand {
     Check {
         /// Defaults to --config.
         file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouterCommand {
+    /// Score the shipped router on preference data (JSON Lines with `request`, `cheap_score`,
+    /// `premium_score`): APGR, CPT(50%), CPT(80%) and the cost/quality curve, next to the random
+    /// and prompt-length baselines.
+    Eval {
+        #[arg(long)]
+        data: PathBuf,
     },
 }
 
@@ -88,6 +104,9 @@ pub fn run() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { file },
         } => check(file.as_deref().unwrap_or(&cli.config)),
+        Command::Router {
+            command: RouterCommand::Eval { data },
+        } => crate::router_eval::eval(&data),
         command => block_on(other(&cli.config, command)),
     };
     match result {
@@ -217,7 +236,9 @@ async fn other(config: &Path, command: Command) -> anyhow::Result<ExitCode> {
             print_usage(&store, &tenant, since_ms).await?;
             ExitCode::SUCCESS
         }
-        Command::Serve | Command::Config { .. } => unreachable!("handled in run()"),
+        Command::Serve | Command::Config { .. } | Command::Router { .. } => {
+            unreachable!("handled in run()")
+        }
     };
     store.close().await;
     Ok(code)

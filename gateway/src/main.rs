@@ -5,6 +5,7 @@ mod config;
 mod keys;
 mod limits;
 mod proxy;
+mod router_eval;
 mod serve;
 
 fn main() -> std::process::ExitCode {

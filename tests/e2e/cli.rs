@@ -78,3 +78,51 @@ fn the_shipped_policy_is_valid_and_migrate_works() {
     let out = tollgate(&config, &["keys", "create", "--tenant", "nobody"]);
     assert_eq!(out.status.code(), Some(2), "unknown tenants are refused");
 }
+
+#[test]
+fn router_eval_reports_apgr_cpt_and_baselines() {
+    let sample = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/routing-sample.jsonl"
+    );
+    let out = Command::new(BIN)
+        .args(["router", "eval", "--data", sample])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert!(report.starts_with("200 prompts"), "{report}");
+    for line in [
+        "tollgate (shipped)",
+        "random (expected)       0.5000",
+        "prompt length",
+        "100% premium -> PGR 1.000",
+    ] {
+        assert!(report.contains(line), "missing {line:?} in\n{report}");
+    }
+    let last = report.lines().last().unwrap();
+    let apgr: f64 = last
+        .strip_prefix("APGR=")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((0.0..=1.5).contains(&apgr));
+
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(bad.path(), "{\"request\": {}}\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["router", "eval", "--data"])
+        .arg(bad.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains(":1: cheap_score and premium_score must be numbers"));
+}
