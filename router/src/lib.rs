@@ -8,6 +8,7 @@
 
 pub mod features;
 pub mod metrics;
+pub mod policy;
 pub mod scorer;
 
 pub use scorer::Scorer;
