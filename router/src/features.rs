@@ -16,13 +16,12 @@ pub struct Features {
 
 /// All text a router sees: message contents (strings or text parts), in order.
 pub fn request_text(request: &Value) -> String {
+    messages_text(request.get("messages"))
+}
+
+fn messages_text(messages: Option<&Value>) -> String {
     let mut text = String::new();
-    for message in request
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for message in messages.and_then(Value::as_array).into_iter().flatten() {
         match message.get("content") {
             Some(Value::String(s)) => text.push_str(s),
             Some(Value::Array(parts)) => {
@@ -140,8 +139,18 @@ pub fn extract(request: &Value) -> Features {
 /// signals and hands each n-gram occurrence's bucket to `on_bucket`. Each bucket counts
 /// `1/sqrt(total occurrences)` in the model, so a text's n-gram vector has a comparable norm at
 /// any length.
-pub fn scan(request: &Value, mut on_bucket: impl FnMut(u32)) -> [f32; DENSE] {
-    let mut text = request_text(request).into_bytes();
+pub fn scan(request: &Value, on_bucket: impl FnMut(u32)) -> [f32; DENSE] {
+    let field = |name: &str| request.get(name);
+    scan_fields(&field, on_bucket)
+}
+
+/// [`scan`] over a request given by field lookup (a JSON object not wrapped in a `Value`).
+pub fn scan_fields<'v>(
+    field: &dyn Fn(&str) -> Option<&'v Value>,
+    mut on_bucket: impl FnMut(u32),
+) -> [f32; DENSE] {
+    let messages = field("messages");
+    let mut text = messages_text(messages).into_bytes();
     // Lowercased once: word hashes and marker search both read it.
     text.make_ascii_lowercase();
     let (mut chars, mut digits, mut non_ascii, mut math, mut newlines, mut questions) =
@@ -211,13 +220,10 @@ pub fn scan(request: &Value, mut on_bucket: impl FnMut(u32)) -> [f32; DENSE] {
     }
     let count = |flags: &[bool]| flags.iter().filter(|f| **f).count() as f32;
     let chars = chars.max(1.0);
-    let messages = request
-        .get("messages")
-        .and_then(Value::as_array)
-        .map_or(0, Vec::len) as f32;
-    let tools = f32::from(u8::from(request.get("tools").is_some_and(|t| !t.is_null())));
+    let messages = messages.and_then(Value::as_array).map_or(0, Vec::len) as f32;
+    let tools = f32::from(u8::from(field("tools").is_some_and(|t| !t.is_null())));
     let json_format = f32::from(u8::from(
-        request.get("response_format").is_some_and(|f| !f.is_null()),
+        field("response_format").is_some_and(|f| !f.is_null()),
     ));
     [
         1.0,

@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::features::{scan, DENSE, HASH_BUCKETS};
+use crate::features::{scan_fields, DENSE, HASH_BUCKETS};
 
 /// The shipped weights (see `model/PROVENANCE.md`).
 const SHIPPED: &[u8] = include_bytes!("../model/scorer.bin");
@@ -90,8 +90,13 @@ impl Scorer {
     /// Probability-like score in [0, 1] that the premium model is needed. Same value as
     /// `logit(&extract(request))` through the sigmoid, without materialising the features.
     pub fn score(&self, request: &Value) -> f32 {
+        self.score_fields(&|name| request.get(name))
+    }
+
+    /// [`Scorer::score`] of a request given by field lookup.
+    pub fn score_fields<'v>(&self, field: &dyn Fn(&str) -> Option<&'v Value>) -> f32 {
         let (mut sum, mut n) = (0.0f32, 0usize);
-        let dense = scan(request, |b| {
+        let dense = scan_fields(field, |b| {
             sum += self.hashed[b as usize];
             n += 1;
         });
