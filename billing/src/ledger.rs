@@ -17,7 +17,7 @@ use crate::store::Store;
 
 /// What one request used and cost. Token fields are "billed" values; the `counted_*` and
 /// `provider_*` fields keep both sources so that disagreements can be audited.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LedgerRow {
     pub request_id: String,
     /// Unix epoch milliseconds when the request arrived.
@@ -55,6 +55,20 @@ pub struct LedgerRow {
     /// The tenant's tags (a JSON object) when the request was made.
     #[serde(default)]
     pub tags: Option<String>,
+    /// For requests to a complexity route: its name, the tier and model chosen, the score and
+    /// the reason, and the cost the request would have had on the premium model.
+    #[serde(default)]
+    pub routing: Option<Routing>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Routing {
+    pub route: String,
+    pub tier: String,
+    pub score: f64,
+    pub reason: String,
+    pub routed_model: String,
+    pub premium_equivalent_micros: i64,
 }
 
 /// Tuning for the background writer.

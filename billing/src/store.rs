@@ -69,7 +69,8 @@ fn now_ms() -> i64 {
 const LEDGER_INSERT: &str = "INSERT INTO ledger (request_id, created_ms, tenant, key_id, endpoint, model, \
     backend, upstream_model, stream, status, outcome, attempts, prompt_tokens, cached_tokens, \
     completion_tokens, counted_prompt_tokens, counted_completion_tokens, provider_prompt_tokens, \
-    provider_cached_tokens, provider_completion_tokens, usage_source, cost_micros, latency_ms, ttft_ms, tags) ";
+    provider_cached_tokens, provider_completion_tokens, usage_source, cost_micros, latency_ms, ttft_ms, tags, route, tier, route_score, route_reason, routed_model, \
+    premium_equivalent_micros) ";
 const LEDGER_CONFLICT: &str = " ON CONFLICT (request_id) DO NOTHING";
 
 macro_rules! push_ledger_values {
@@ -98,7 +99,13 @@ macro_rules! push_ledger_values {
             .push_bind($r.cost_micros)
             .push_bind($r.latency_ms)
             .push_bind($r.ttft_ms)
-            .push_bind($r.tags.clone());
+            .push_bind($r.tags.clone())
+            .push_bind($r.routing.as_ref().map(|x| x.route.clone()))
+            .push_bind($r.routing.as_ref().map(|x| x.tier.clone()))
+            .push_bind($r.routing.as_ref().map(|x| x.score))
+            .push_bind($r.routing.as_ref().map(|x| x.reason.clone()))
+            .push_bind($r.routing.as_ref().map(|x| x.routed_model.clone()))
+            .push_bind($r.routing.as_ref().map(|x| x.premium_equivalent_micros));
     };
 }
 
@@ -130,6 +137,27 @@ macro_rules! ledger_from_row {
             latency_ms: $row.try_get("latency_ms")?,
             ttft_ms: $row.try_get("ttft_ms")?,
             tags: $row.try_get("tags")?,
+            routing: match $row.try_get::<Option<String>, _>("route")? {
+                None => None,
+                Some(route) => Some(crate::ledger::Routing {
+                    route,
+                    tier: $row
+                        .try_get::<Option<String>, _>("tier")?
+                        .unwrap_or_default(),
+                    score: $row
+                        .try_get::<Option<f64>, _>("route_score")?
+                        .unwrap_or_default(),
+                    reason: $row
+                        .try_get::<Option<String>, _>("route_reason")?
+                        .unwrap_or_default(),
+                    routed_model: $row
+                        .try_get::<Option<String>, _>("routed_model")?
+                        .unwrap_or_default(),
+                    premium_equivalent_micros: $row
+                        .try_get::<Option<i64>, _>("premium_equivalent_micros")?
+                        .unwrap_or_default(),
+                }),
+            },
         })
     };
 }

@@ -6,6 +6,7 @@ mod keys;
 mod limits;
 mod proxy;
 mod router_eval;
+mod routing;
 mod serve;
 
 fn main() -> std::process::ExitCode {

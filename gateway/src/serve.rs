@@ -50,6 +50,7 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
         keys,
         ledger: ledger.clone(),
         limits,
+        routing: crate::routing::Routing::new(),
     });
     let mut service =
         pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state));

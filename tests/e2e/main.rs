@@ -8,4 +8,5 @@ mod errors;
 mod harness;
 mod ledger;
 mod proxy;
+mod routing;
 mod sdk;

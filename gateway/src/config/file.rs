@@ -42,6 +42,26 @@ pub struct PolicyFile {
     pub models: Vec<ModelSection>,
     #[serde(default)]
     pub tenants: Vec<TenantSection>,
+    /// Public names that pick a cheap or premium model per request by complexity.
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    /// Public name clients send as `model`, e.g. `auto`.
+    pub name: String,
+    /// Model names from `models`.
+    pub cheap: String,
+    pub premium: String,
+    /// Score at or above which a request goes premium.
+    #[serde(default)]
+    pub threshold: Option<f32>,
+    /// Instead of a threshold: the share of recent requests to send premium; the threshold is
+    /// calibrated continuously from the recent score distribution.
+    #[serde(default)]
+    pub target_premium_share: Option<f32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +115,12 @@ pub struct ModelSection {
     pub price: Option<PriceSection>,
     /// Tried in order: the first is primary, the rest are fallbacks.
     pub targets: Vec<TargetSection>,
+    /// Context window in tokens; a routed request that does not fit goes to the premium model.
+    #[serde(default)]
+    pub context_tokens: Option<u64>,
+    /// Whether the model takes `tools`; routed requests with tools skip models that do not.
+    #[serde(default = "default_true")]
+    pub supports_tools: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +181,12 @@ pub struct TenantSection {
     /// ledger row.
     #[serde(default)]
     pub tags: std::collections::BTreeMap<String, String>,
+    /// Whether this tenant's clients may force a tier with `x-tollgate-tier: cheap|premium`.
+    #[serde(default)]
+    pub allow_tier_header: bool,
+    /// Per-route thresholds for this tenant (route name -> threshold).
+    #[serde(default)]
+    pub route_thresholds: std::collections::BTreeMap<String, f32>,
     /// Budget threshold alerts, delivered to a webhook.
     #[serde(default)]
     pub alerts: Option<AlertsSection>,
@@ -292,4 +324,7 @@ fn default_output_tokens() -> u64 {
 }
 fn default_thresholds() -> Vec<u32> {
     vec![50, 80, 100]
+}
+fn default_true() -> bool {
+    true
 }

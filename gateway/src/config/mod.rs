@@ -87,6 +87,8 @@ pub struct Policy {
     /// Public model name -> model, in file order for `/v1/models`.
     pub models: Vec<Arc<Model>>,
     pub tenants: HashMap<String, Tenant>,
+    /// Complexity routes by public name.
+    pub routes: Vec<Arc<Route>>,
     /// Non-fatal findings (e.g. a provider key variable that is not set).
     pub warnings: Vec<String>,
 }
@@ -105,10 +107,28 @@ pub struct Backend {
     pub read_timeout: Duration,
 }
 
+/// A public name that sends each request to a cheap or a premium model.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub cheap: Arc<Model>,
+    pub premium: Arc<Model>,
+    pub threshold: RouteThreshold,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RouteThreshold {
+    Fixed(f32),
+    /// Calibrated so that this share of recent requests goes premium.
+    PremiumShare(f32),
+}
+
 #[derive(Debug)]
 pub struct Model {
     pub name: String,
     pub tokenizer: Tokenizer,
+    pub context_tokens: Option<u64>,
+    pub supports_tools: bool,
     pub price: Price,
     pub priced: bool,
     pub targets: Vec<Target>,
@@ -135,6 +155,8 @@ pub struct Tenant {
     pub on_exhausted: OnExhausted,
     pub on_redis_down: OnRedisDown,
     pub allow_unpriced: bool,
+    pub allow_tier_header: bool,
+    pub route_thresholds: HashMap<String, f32>,
     pub alerts: Option<Arc<Alerts>>,
     /// Tags as the JSON object stored on ledger rows; `None` without tags.
     pub tags_json: Option<Arc<str>>,
@@ -204,6 +226,10 @@ impl Budget {
 }
 
 impl Policy {
+    pub fn route(&self, name: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+
     pub fn model(&self, name: &str) -> Option<&Arc<Model>> {
         self.models.iter().find(|m| m.name == name)
     }
@@ -496,6 +522,8 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
             tokenizer: m.tokenizer,
             price: price.unwrap_or_default(),
             priced: price.is_some(),
+            context_tokens: m.context_tokens,
+            supports_tools: m.supports_tools,
             targets,
         }));
     }
@@ -600,7 +628,27 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
         });
         let tags_json = (!t.tags.is_empty())
             .then(|| Arc::from(serde_json::to_string(&t.tags).unwrap_or_default()));
+        for (route, threshold) in &t.route_thresholds {
+            if !file.routes.iter().any(|r| &r.name == route) {
+                errors.add(
+                    format!("{at}.route_thresholds.{route}"),
+                    format!("unknown route `{route}`"),
+                );
+            }
+            if !(0.0..=1.0).contains(threshold) {
+                errors.add(
+                    format!("{at}.route_thresholds.{route}"),
+                    "must be between 0 and 1",
+                );
+            }
+        }
         let tenant = Tenant {
+            allow_tier_header: t.allow_tier_header,
+            route_thresholds: t
+                .route_thresholds
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
             tags_json,
             alerts,
             name: t.name.clone(),
@@ -618,7 +666,47 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
         tenants.insert(t.name.clone(), tenant);
     }
 
+    let mut routes: Vec<Arc<Route>> = Vec::new();
+    for (i, r) in file.routes.iter().enumerate() {
+        let at = format!("routes[{i}]");
+        if models.iter().any(|m| m.name == r.name) || routes.iter().any(|o| o.name == r.name) {
+            errors.add(
+                format!("{at}.name"),
+                format!("`{}` is already a model or route name", r.name),
+            );
+        }
+        let find = |name: &str, field: &str, errors: &mut Errors| {
+            let found = models.iter().find(|m| m.name == name).cloned();
+            if found.is_none() {
+                errors.add(format!("{at}.{field}"), format!("unknown model `{name}`"));
+            }
+            found
+        };
+        let cheap = find(&r.cheap, "cheap", errors);
+        let premium = find(&r.premium, "premium", errors);
+        let threshold = match (r.threshold, r.target_premium_share) {
+            (Some(t), None) if (0.0..=1.0).contains(&t) => RouteThreshold::Fixed(t),
+            (None, Some(s)) if (0.0..=1.0).contains(&s) => RouteThreshold::PremiumShare(s),
+            _ => {
+                errors.add(
+                    at.clone(),
+                    "set exactly one of `threshold` and `target_premium_share`, between 0 and 1",
+                );
+                continue;
+            }
+        };
+        if let (Some(cheap), Some(premium)) = (cheap, premium) {
+            routes.push(Arc::new(Route {
+                name: r.name.clone(),
+                cheap,
+                premium,
+                threshold,
+            }));
+        }
+    }
+
     Some(Policy {
+        routes,
         listen,
         database_url: file.database_url,
         redis_url: file.redis_url,

@@ -2,11 +2,22 @@
 
 use std::time::{Duration, Instant};
 
-use tollgate_billing::ledger::LedgerRow;
+use tollgate_billing::ledger::{LedgerRow, Routing};
 use tollgate_billing::price::{Price, Usage};
 use tollgate_billing::tokens::Tokenizer;
 
 use super::usage::ProviderUsage;
+
+/// The routing decision of a request sent to a complexity route.
+pub struct RouteNote {
+    pub route: String,
+    pub tier: &'static str,
+    pub score: f32,
+    pub reason: String,
+    pub routed_model: String,
+    /// Price of the route's premium model: what the request would have cost there.
+    pub premium_price: Price,
+}
 
 pub struct Meter {
     pub request_id: String,
@@ -31,6 +42,7 @@ pub struct Meter {
     /// A successful response (or part of one) reached the client: there is something to bill.
     pub served: bool,
     pub tags: Option<std::sync::Arc<str>>,
+    pub routing: Option<RouteNote>,
     /// Set once by [`Meter::end`]: the ledger row and the budget settle share this instant.
     pub ended: Option<Duration>,
 }
@@ -113,6 +125,14 @@ impl Meter {
             latency_ms: self.ended.unwrap_or_default().as_millis() as i64,
             ttft_ms: self.first_byte.map(|d| d.as_millis() as i64),
             tags: self.tags.map(|t| t.to_string()),
+            routing: self.routing.map(|r| Routing {
+                premium_equivalent_micros: as_i64(r.premium_price.cost_micros(usage)),
+                route: r.route,
+                tier: r.tier.to_string(),
+                score: f64::from(r.score),
+                reason: r.reason,
+                routed_model: r.routed_model,
+            }),
         }
     }
 }

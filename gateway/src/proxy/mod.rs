@@ -30,10 +30,12 @@ use tollgate_billing::tokens::Tokenizer;
 use crate::config::{Model, OnExhausted, Policy, Tenant};
 use crate::keys::{KeyCache, KeyInfo};
 use crate::limits::{Admission, Limits};
+use crate::routing::{RouteInput, Routing};
 use error::ApiError;
-use meter::Meter;
+use meter::{Meter, RouteNote};
 use request::{ClientRequest, Endpoint};
 use sse::SseRelay;
+use tollgate_router::policy::Tier;
 use upstream::{AttemptError, Exchange, Upstreams};
 
 /// Largest non-streamed upstream response accepted (embedding batches can be large).
@@ -47,6 +49,7 @@ pub struct AppState {
     pub keys: Arc<KeyCache>,
     pub ledger: LedgerSender,
     pub limits: Arc<Limits>,
+    pub routing: Routing,
 }
 
 pub struct Gateway {
@@ -201,6 +204,7 @@ impl Gateway {
             outcome: "rejected",
             served: false,
             ended: None,
+            routing: None,
             tags: self
                 .state
                 .policy
@@ -242,21 +246,12 @@ impl Gateway {
         drop(body);
         meter.model = request.model.clone();
         meter.stream = request.stream;
-        let model = policy
-            .model(&request.model)
-            .filter(|_| policy.tenant_may_use(&meter.tenant, &request.model))
-            .ok_or_else(|| ApiError::model_not_found(&request.model))?
-            .clone();
-        meter.tokenizer = model.tokenizer;
-        meter.price = model.price;
-        meter.counted_prompt = request.count_prompt_tokens(model.tokenizer) as u64;
-
         let tenant = policy
             .tenants
             .get(&meter.tenant)
             .ok_or_else(ApiError::invalid_key)?;
-        if !model.priced && !tenant.allow_unpriced {
-            return Err(ApiError::unpriced_model(&model.name));
+        if !policy.tenant_may_use(&meter.tenant, &request.model) {
+            return Err(ApiError::model_not_found(&request.model));
         }
         let output_cap = match endpoint {
             Endpoint::Embeddings => 0,
@@ -264,6 +259,55 @@ impl Gateway {
                 .max_output_tokens()
                 .unwrap_or(tenant.default_output_tokens),
         };
+        let (model, routed) = match policy.route(&request.model) {
+            Some(route) => {
+                if endpoint != Endpoint::ChatCompletions {
+                    return Err(ApiError::bad_request(format!(
+                        "`{}` is a complexity route; routes serve chat completions only.",
+                        route.name
+                    ))
+                    .with_param("model"));
+                }
+                let tier_header = session
+                    .req_header()
+                    .headers
+                    .get("x-tollgate-tier")
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                let field = |name: &str| request.field(name);
+                let input = RouteInput {
+                    field: &field,
+                    tier_header: tier_header.as_deref(),
+                    needed_context: request.count_prompt_tokens(route.cheap.tokenizer) as u64
+                        + output_cap,
+                };
+                let decision = self.state.routing.route(route, tenant, &input)?;
+                let model = match decision.tier {
+                    Tier::Cheap => route.cheap.clone(),
+                    Tier::Premium => route.premium.clone(),
+                };
+                meter.routing = Some(RouteNote {
+                    route: route.name.clone(),
+                    tier: decision.tier.as_str(),
+                    score: decision.score,
+                    reason: decision.reason.clone(),
+                    routed_model: model.name.clone(),
+                    premium_price: route.premium.price,
+                });
+                (model, Some(decision))
+            }
+            None => {
+                let model = policy
+                    .model(&request.model)
+                    .ok_or_else(|| ApiError::model_not_found(&request.model))?;
+                (model.clone(), None)
+            }
+        };
+        meter.tokenizer = model.tokenizer;
+        meter.price = model.price;
+        meter.counted_prompt = request.count_prompt_tokens(model.tokenizer) as u64;
+        if !model.priced && !tenant.allow_unpriced {
+            return Err(ApiError::unpriced_model(&model.name));
+        }
         let granted = self
             .state
             .limits
@@ -281,7 +325,17 @@ impl Gateway {
         let inject_cap =
             (granted.is_limited() && endpoint != Endpoint::Embeddings && !request.stream)
                 .then_some(output_cap);
-        let headers = granted.headers();
+        let mut headers = granted.headers();
+        if let Some(decision) = &routed {
+            let route = format!(
+                "tier={}; model={}; reason={}",
+                decision.tier.as_str(),
+                model.name,
+                decision.reason
+            );
+            headers.push(("x-tollgate-route", route));
+            headers.push(("x-tollgate-score", format!("{:.4}", decision.score)));
+        }
         let admission = admission.insert(granted);
 
         let chosen = tokio::select! {

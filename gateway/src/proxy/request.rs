@@ -148,6 +148,11 @@ impl ClientRequest {
         }
     }
 
+    /// A top-level field of the request body.
+    pub fn field(&self, name: &str) -> Option<&Value> {
+        self.body.get(name)
+    }
+
     /// The client's own output cap (`max_completion_tokens` or `max_tokens`), per choice.
     pub fn max_output_tokens(&self) -> Option<u64> {
         ["max_completion_tokens", "max_tokens"]
