@@ -70,6 +70,15 @@ enum ConfigCommand {
 
 #[derive(Subcommand)]
 enum RouterCommand {
+    /// Read OpenAI chat requests as JSON Lines on stdin; write one
+    /// `{"score", "tier", "reason"}` line per input, in order.
+    Score {
+        #[arg(long, default_value = "auto")]
+        route: String,
+        /// Apply this tenant's route threshold.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Score the shipped router on preference data (JSON Lines with `request`, `cheap_score`,
     /// `premium_score`): APGR, CPT(50%), CPT(80%) and the cost/quality curve, next to the random
     /// and prompt-length baselines.
@@ -107,6 +116,9 @@ pub fn run() -> ExitCode {
         Command::Router {
             command: RouterCommand::Eval { data },
         } => crate::router_eval::eval(&data),
+        Command::Router {
+            command: RouterCommand::Score { route, tenant },
+        } => crate::router_eval::score(&cli.config, &route, tenant.as_deref()),
         command => block_on(other(&cli.config, command)),
     };
     match result {

@@ -1,4 +1,5 @@
-//! `tollgate router eval`: the shipped scorer against preference data.
+//! `tollgate router eval` (the shipped scorer against preference data) and `tollgate router
+//! score` (routing decisions for requests on stdin).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -90,5 +91,66 @@ pub fn eval(data: &Path) -> anyhow::Result<ExitCode> {
         s.cpt50 * 100.0,
         s.cpt80 * 100.0
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn score(config: &Path, route_name: &str, tenant: Option<&str>) -> anyhow::Result<ExitCode> {
+    use std::io::{BufRead, Write};
+
+    let Some(policy) = crate::cli::load_policy(config) else {
+        return Ok(ExitCode::from(2));
+    };
+    let Some(route) = policy.route(route_name) else {
+        anyhow::bail!("no route `{route_name}` in {}", config.display());
+    };
+    let tenant = match tenant {
+        Some(name) => Some(
+            policy
+                .tenants
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("no tenant `{name}`"))?,
+        ),
+        None => None,
+    };
+    let routing = crate::routing::Routing::new();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(request) if request.is_object() => {
+                let tokenizer = route.cheap.tokenizer;
+                let messages = request
+                    .get("messages")
+                    .and_then(Value::as_array)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                let prompt = tokenizer.count_chat(messages, request.get("tools")) as u64;
+                let cap = request
+                    .get("max_tokens")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(4096);
+                let field = |name: &str| request.get(name);
+                let input = crate::routing::RouteInput {
+                    field: &field,
+                    tier_header: None,
+                    needed_context: prompt + cap,
+                };
+                match routing.route(route, tenant, &input) {
+                    Ok(d) => {
+                        serde_json::json!({"score": d.score, "tier": d.tier.as_str(), "reason": d.reason})
+                    }
+                    Err(e) => serde_json::json!({"error": e.message}),
+                }
+            }
+            Ok(_) => serde_json::json!({"error": "not a JSON object"}),
+            Err(e) => serde_json::json!({"error": format!("not JSON: {e}")}),
+        };
+        writeln!(out, "{reply}")?;
+    }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -40,11 +40,11 @@ impl Routing {
     pub fn route(
         &self,
         route: &Route,
-        tenant: &Tenant,
+        tenant: Option<&Tenant>,
         input: &RouteInput<'_>,
     ) -> Result<Decision, ApiError> {
         let requested = match input.tier_header {
-            Some(value) if tenant.allow_tier_header => {
+            Some(value) if tenant.is_some_and(|t| t.allow_tier_header) => {
                 Some(Tier::parse(value).ok_or_else(|| {
                     ApiError::bad_request("`x-tollgate-tier` must be `cheap` or `premium`.")
                 })?)
@@ -66,7 +66,7 @@ impl Routing {
     }
 
     /// The tenant's threshold for this route, else the route's (calibrated ones learn `score`).
-    fn threshold(&self, route: &Route, tenant: &Tenant, score: f32) -> f32 {
+    fn threshold(&self, route: &Route, tenant: Option<&Tenant>, score: f32) -> f32 {
         let calibrated = match route.threshold {
             RouteThreshold::Fixed(t) => t,
             RouteThreshold::PremiumShare(share) => {
@@ -80,9 +80,7 @@ impl Routing {
             }
         };
         tenant
-            .route_thresholds
-            .get(&route.name)
-            .copied()
+            .and_then(|t| t.route_thresholds.get(&route.name).copied())
             .unwrap_or(calibrated)
     }
 }

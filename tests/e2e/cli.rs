@@ -126,3 +126,50 @@ fn router_eval_reports_apgr_cpt_and_baselines() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains(":1: cheap_score and premium_score must be numbers"));
 }
+
+#[test]
+fn router_score_writes_one_decision_per_input_line() {
+    use std::io::Write;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("r.yaml");
+    std::fs::write(
+        &config,
+        "backends: [{ name: b, base_url: \"http://127.0.0.1:9\" }]\nmodels:\n  - { name: small, price: { input: 1, output: 1 }, targets: [{ backend: b, model: s }], context_tokens: 50 }\n  - { name: large, price: { input: 9, output: 9 }, targets: [{ backend: b, model: l }] }\nroutes:\n  - { name: auto, cheap: small, premium: large, threshold: 0.99 }\ntenants:\n  - name: t\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["router", "score", "--route", "auto"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let long = "word ".repeat(100);
+    let input = format!(
+        "{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}], \"max_tokens\": 5}}\nnot json\n{{\"messages\": [{{\"role\": \"user\", \"content\": \"{long}\"}}], \"max_tokens\": 5}}\n"
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["tier"], "cheap");
+    assert!(lines[0]["score"].as_f64().unwrap() < 0.99);
+    assert!(lines[1]["error"].as_str().unwrap().starts_with("not JSON"));
+    assert_eq!(lines[2]["tier"], "premium");
+    assert_eq!(
+        lines[2]["reason"],
+        "context longer than the cheap model's window"
+    );
+}

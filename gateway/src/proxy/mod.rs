@@ -280,7 +280,7 @@ impl Gateway {
                     needed_context: request.count_prompt_tokens(route.cheap.tokenizer) as u64
                         + output_cap,
                 };
-                let decision = self.state.routing.route(route, tenant, &input)?;
+                let decision = self.state.routing.route(route, Some(tenant), &input)?;
                 let model = match decision.tier {
                     Tier::Cheap => route.cheap.clone(),
                     Tier::Premium => route.premium.clone(),
