@@ -279,6 +279,30 @@ impl Limits {
         })
     }
 
+    /// How much of its tightest USD budget (not limited to one model) a tenant's key has used or
+    /// holds, as a fraction; `None` without such budgets or when the counters cannot be read.
+    pub async fn budget_utilization(&self, tenant: &Tenant, key_id: &str) -> Option<f32> {
+        let now = now_ms();
+        let mut tightest: Option<f32> = None;
+        for budget in &tenant.budgets {
+            if budget.metric != Metric::Usd
+                || budget.model.is_some()
+                || budget.key.as_deref().is_some_and(|k| k != key_id)
+            {
+                continue;
+            }
+            let w = window(budget.period, tenant.time_zone, now);
+            let (used, held) = self
+                .store(false)
+                .read(&budget_counter(&tenant.name, budget, &w))
+                .await
+                .ok()?;
+            let share = (used + held) as f32 / budget.limit.max(1) as f32;
+            tightest = Some(tightest.map_or(share, |t: f32| t.max(share)));
+        }
+        tightest
+    }
+
     /// Rebuilds from the ledger the counters of every tenant whose counters need it (a cold or
     /// flushed Redis; at start, this replica's own counters). `lag`: how long a finished
     /// request's ledger row may take to reach the database.

@@ -138,6 +138,7 @@ pub fn score(config: &Path, route_name: &str, tenant: Option<&str>) -> anyhow::R
                     field: &field,
                     tier_header: None,
                     needed_context: prompt + cap,
+                    budget_used: None,
                 };
                 match routing.route(route, tenant, &input) {
                     Ok(d) => {

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use tollgate_router::policy::{decide, Calibrator, Decision, Rules, Tier};
+use tollgate_router::policy::{budget_aware_threshold, decide, Calibrator, Decision, Rules, Tier};
 use tollgate_router::Scorer;
 
 use crate::config::{Route, RouteThreshold, Tenant};
@@ -27,6 +27,8 @@ pub struct RouteInput<'a> {
     pub tier_header: Option<&'a str>,
     /// Prompt tokens (cheap model's tokenizer) plus the output cap.
     pub needed_context: u64,
+    /// Share of the tenant's tightest USD budget already used (raises the threshold).
+    pub budget_used: Option<f32>,
 }
 
 impl Routing {
@@ -61,7 +63,11 @@ impl Routing {
             unsupported_by_cheap: (uses_tools && !route.cheap.supports_tools).then_some("tools"),
         };
         let score = self.scorer.score_fields(input.field);
-        let threshold = self.threshold(route, tenant, score);
+        let mut threshold = self.threshold(route, tenant, score);
+        if let Some(used) = input.budget_used {
+            let (start, power) = route.budget_pressure;
+            threshold = budget_aware_threshold(threshold, used, start, power);
+        }
         Ok(decide(score, threshold, &rules))
     }
 

@@ -129,3 +129,76 @@ async fn auto_routes_easy_and_hard_prompts_to_different_backends() {
         1
     );
 }
+
+#[tokio::test]
+async fn the_threshold_rises_as_the_tenant_nears_its_budget() {
+    let hard_score = Scorer::shipped().score(&chat(HARD));
+    let threshold = (hard_score - 0.01).max(0.0);
+    let cheap = MockUpstream::start("cheap").await;
+    let premium = MockUpstream::start("premium").await;
+    // One micro-dollar per token on `small`, nine on `large`; a $0.01 monthly budget.
+    let yaml = format!(
+        "backends:\n  - {{ name: cheapb, base_url: \"{}\" }}\n  - {{ name: premiumb, base_url: \"{}\" }}\n\
+         models:\n  - name: small\n    price: {{ input: 1, output: 1 }}\n    targets: [{{ backend: cheapb, model: small-up }}]\n\
+         \x20 - name: large\n    price: {{ input: 9, output: 9 }}\n    targets: [{{ backend: premiumb, model: large-up }}]\n\
+         routes:\n  - {{ name: auto, cheap: small, premium: large, threshold: {threshold}, budget_pressure: {{ start: 0.5, power: 1 }} }}\n\
+         tenants:\n  - name: thrifty\n    budgets: [{{ limit_usd: 0.01, period: monthly }}]\n",
+        cheap.base_url(),
+        premium.base_url()
+    );
+    let gw = Gateway::start(&yaml, None).await;
+    let key = gw.create_key("thrifty").await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let mut hard = chat(HARD);
+    hard["max_tokens"] = json!(5);
+
+    let r = client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&hard)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["x-tollgate-route"]
+            .to_str()
+            .unwrap()
+            .starts_with("tier=premium"),
+        "budget barely used"
+    );
+    // Spend most of the budget on the cheap model directly.
+    let spend = json!({"model": "small", "max_tokens": 5, "messages": [{"role": "user", "content": " hello".repeat(1000)}]});
+    for _ in 0..9 {
+        assert_eq!(
+            client
+                .post(&url)
+                .bearer_auth(&key)
+                .json(&spend)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let r = client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&hard)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let route = r.headers()["x-tollgate-route"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        route.starts_with("tier=cheap"),
+        "near its budget the same prompt goes cheap: {route}"
+    );
+    let raised: f32 = route.rsplit("threshold ").next().unwrap().parse().unwrap();
+    assert!(raised > hard_score && raised > threshold + 0.1, "{route}");
+}

@@ -62,6 +62,28 @@ pub struct RouteSection {
     /// calibrated continuously from the recent score distribution.
     #[serde(default)]
     pub target_premium_share: Option<f32>,
+    /// As a tenant's tightest USD budget passes `start` (a fraction used), the threshold rises
+    /// towards 1 (everything cheap) along `(used - start) / (1 - start)` to the power `power`.
+    #[serde(default)]
+    pub budget_pressure: BudgetPressureSection,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetPressureSection {
+    #[serde(default = "default_pressure_start")]
+    pub start: f32,
+    #[serde(default = "default_pressure_power")]
+    pub power: f32,
+}
+
+impl Default for BudgetPressureSection {
+    fn default() -> Self {
+        BudgetPressureSection {
+            start: default_pressure_start(),
+            power: default_pressure_power(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -327,4 +349,10 @@ fn default_thresholds() -> Vec<u32> {
 }
 fn default_true() -> bool {
     true
+}
+fn default_pressure_start() -> f32 {
+    0.8
+}
+fn default_pressure_power() -> f32 {
+    1.0
 }

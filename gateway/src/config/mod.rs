@@ -114,6 +114,8 @@ pub struct Route {
     pub cheap: Arc<Model>,
     pub premium: Arc<Model>,
     pub threshold: RouteThreshold,
+    /// (start, power) of the budget-aware threshold curve.
+    pub budget_pressure: (f32, f32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -695,12 +697,23 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
                 continue;
             }
         };
+        let pressure = r.budget_pressure;
+        if !(0.0..=1.0).contains(&pressure.start)
+            || !(pressure.power > 0.0 && pressure.power <= 10.0)
+        {
+            errors.add(
+                format!("{at}.budget_pressure"),
+                "start must be in [0, 1] and power in (0, 10]",
+            );
+        }
         if let (Some(cheap), Some(premium)) = (cheap, premium) {
+            let budget_pressure = (pressure.start, pressure.power);
             routes.push(Arc::new(Route {
                 name: r.name.clone(),
                 cheap,
                 premium,
                 threshold,
+                budget_pressure,
             }));
         }
     }

@@ -274,7 +274,13 @@ impl Gateway {
                     .get("x-tollgate-tier")
                     .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
                 let field = |name: &str| request.field(name);
+                let budget_used = self
+                    .state
+                    .limits
+                    .budget_utilization(tenant, &meter.key_id)
+                    .await;
                 let input = RouteInput {
+                    budget_used,
                     field: &field,
                     tier_header: tier_header.as_deref(),
                     needed_context: request.count_prompt_tokens(route.cheap.tokenizer) as u64
