@@ -698,9 +698,9 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
             }
         };
         let pressure = r.budget_pressure;
-        if !(0.0..=1.0).contains(&pressure.start)
-            || !(pressure.power > 0.0 && pressure.power <= 10.0)
-        {
+        let pressure_ok =
+            (0.0..=1.0).contains(&pressure.start) && pressure.power > 0.0 && pressure.power <= 10.0;
+        if !pressure_ok {
             errors.add(
                 format!("{at}.budget_pressure"),
                 "start must be in [0, 1] and power in (0, 10]",
