@@ -91,6 +91,26 @@ async fn auto_routes_easy_and_hard_prompts_to_different_backends() {
     assert_eq!(premium.received().len(), 2);
     assert_eq!(cheap.received()[0].json()["model"], "small-up");
 
+    let models: Value = client
+        .get(format!("{}/v1/models", gw.url()))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["small", "large", "auto"],
+        "routes are listed with the models"
+    );
     // A tenant without access to the route does not get it.
     let other = gw.create_key("other").await;
     let r = client

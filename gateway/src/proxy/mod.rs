@@ -168,11 +168,16 @@ impl Gateway {
 
     fn models_for(&self, tenant: &str) -> Bytes {
         let policy = &self.state.policy;
-        let data: Vec<Value> = policy
+        let names = policy
             .models
             .iter()
-            .filter(|m| policy.tenant_may_use(tenant, &m.name))
-            .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "tollgate"}))
+            .map(|m| &m.name)
+            .chain(policy.routes.iter().map(|r| &r.name));
+        let data: Vec<Value> = names
+            .filter(|name| policy.tenant_may_use(tenant, name))
+            .map(
+                |name| json!({"id": name, "object": "model", "created": 0, "owned_by": "tollgate"}),
+            )
             .collect();
         Bytes::from(json!({"object": "list", "data": data}).to_string())
     }
