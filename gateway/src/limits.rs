@@ -85,21 +85,30 @@ impl Admission {
                 .map(|(p, room)| (p.charge.limit, (*room).max(0), p.charge.window_end_ms))
         };
         let now = now_ms();
-        if let Some((limit, room, end)) = tightest(Measure::Requests, true) {
-            headers.push(("x-ratelimit-limit-requests", limit.to_string()));
-            headers.push(("x-ratelimit-remaining-requests", room.to_string()));
-            headers.push((
-                "x-ratelimit-reset-requests",
-                format!("{}s", seconds_until(end, now)),
-            ));
-        }
-        if let Some((limit, room, end)) = tightest(Measure::Tokens, true) {
-            headers.push(("x-ratelimit-limit-tokens", limit.to_string()));
-            headers.push(("x-ratelimit-remaining-tokens", room.to_string()));
-            headers.push((
-                "x-ratelimit-reset-tokens",
-                format!("{}s", seconds_until(end, now)),
-            ));
+        let rate_headers = [
+            (
+                Measure::Requests,
+                [
+                    "x-ratelimit-limit-requests",
+                    "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests",
+                ],
+            ),
+            (
+                Measure::Tokens,
+                [
+                    "x-ratelimit-limit-tokens",
+                    "x-ratelimit-remaining-tokens",
+                    "x-ratelimit-reset-tokens",
+                ],
+            ),
+        ];
+        for (measure, [limit_name, remaining_name, reset_name]) in rate_headers {
+            if let Some((limit, room, end)) = tightest(measure, true) {
+                headers.push((limit_name, limit.to_string()));
+                headers.push((remaining_name, room.to_string()));
+                headers.push((reset_name, format!("{}s", seconds_until(end, now))));
+            }
         }
         if let Some((_, room, _)) = tightest(Measure::Micros, false) {
             headers.push(("x-tollgate-budget-remaining", format_usd(room)));

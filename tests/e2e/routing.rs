@@ -15,6 +15,27 @@ fn chat(content: &str) -> Value {
     json!({"model": "auto", "messages": [{"role": "user", "content": content}]})
 }
 
+/// Two mock-backed models, `small` and `large` (prices in USD per 1M tokens), a route `auto`
+/// over them with `route_extra` (YAML flow fields), and `tenants`.
+fn routed_policy(
+    cheap: &MockUpstream,
+    premium: &MockUpstream,
+    prices: (f64, f64),
+    route_extra: &str,
+    tenants: &str,
+) -> String {
+    format!(
+        "backends:\n  - {{ name: cheapb, base_url: \"{}\" }}\n  - {{ name: premiumb, base_url: \"{}\" }}\n\
+         models:\n  - name: small\n    price: {{ input: {small}, output: {small} }}\n    targets: [{{ backend: cheapb, model: small-up }}]\n\
+         \x20 - name: large\n    price: {{ input: {large}, output: {large} }}\n    targets: [{{ backend: premiumb, model: large-up }}]\n\
+         routes:\n  - {{ name: auto, cheap: small, premium: large, {route_extra} }}\ntenants:\n{tenants}",
+        cheap.base_url(),
+        premium.base_url(),
+        small = prices.0,
+        large = prices.1,
+    )
+}
+
 #[tokio::test]
 async fn auto_routes_easy_and_hard_prompts_to_different_backends() {
     let scorer = Scorer::shipped();
@@ -27,14 +48,12 @@ async fn auto_routes_easy_and_hard_prompts_to_different_backends() {
 
     let cheap = MockUpstream::start("cheap").await;
     let premium = MockUpstream::start("premium").await;
-    let yaml = format!(
-        "backends:\n  - {{ name: cheapb, base_url: \"{}\" }}\n  - {{ name: premiumb, base_url: \"{}\" }}\n\
-         models:\n  - name: small\n    price: {{ input: 0.15, output: 0.6 }}\n    targets: [{{ backend: cheapb, model: small-up }}]\n\
-         \x20 - name: large\n    price: {{ input: 2.5, output: 10 }}\n    targets: [{{ backend: premiumb, model: large-up }}]\n\
-         routes:\n  - {{ name: auto, cheap: small, premium: large, threshold: {threshold} }}\n\
-         tenants:\n  - name: acme\n    allow_tier_header: true\n  - name: other\n    models: [small]\n",
-        cheap.base_url(),
-        premium.base_url()
+    let yaml = routed_policy(
+        &cheap,
+        &premium,
+        (0.6, 10.0),
+        &format!("threshold: {threshold}"),
+        "  - name: acme\n    allow_tier_header: true\n  - name: other\n    models: [small]\n",
     );
     let gw = Gateway::start(&yaml, None).await;
     let key = gw.create_key("acme").await;
@@ -157,14 +176,12 @@ async fn the_threshold_rises_as_the_tenant_nears_its_budget() {
     let cheap = MockUpstream::start("cheap").await;
     let premium = MockUpstream::start("premium").await;
     // One micro-dollar per token on `small`, nine on `large`; a $0.01 monthly budget.
-    let yaml = format!(
-        "backends:\n  - {{ name: cheapb, base_url: \"{}\" }}\n  - {{ name: premiumb, base_url: \"{}\" }}\n\
-         models:\n  - name: small\n    price: {{ input: 1, output: 1 }}\n    targets: [{{ backend: cheapb, model: small-up }}]\n\
-         \x20 - name: large\n    price: {{ input: 9, output: 9 }}\n    targets: [{{ backend: premiumb, model: large-up }}]\n\
-         routes:\n  - {{ name: auto, cheap: small, premium: large, threshold: {threshold}, budget_pressure: {{ start: 0.5, power: 1 }} }}\n\
-         tenants:\n  - name: thrifty\n    budgets: [{{ limit_usd: 0.01, period: monthly }}]\n",
-        cheap.base_url(),
-        premium.base_url()
+    let yaml = routed_policy(
+        &cheap,
+        &premium,
+        (1.0, 9.0),
+        &format!("threshold: {threshold}, budget_pressure: {{ start: 0.5, power: 1 }}"),
+        "  - name: thrifty\n    budgets: [{ limit_usd: 0.01, period: monthly }]\n",
     );
     let gw = Gateway::start(&yaml, None).await;
     let key = gw.create_key("thrifty").await;
