@@ -274,13 +274,7 @@ async fn a_stream_is_cut_at_its_budget_and_billed_what_was_delivered() {
     let gw = Gateway::start(&yaml, None).await;
     let key = gw.create_key(&tenant).await;
     let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "Tell me a long story."}]});
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.chat(&key, &body).await;
     assert_eq!(response.status(), 200);
     assert!(response
         .headers()
@@ -321,13 +315,7 @@ async fn a_stream_is_cut_at_its_budget_and_billed_what_was_delivered() {
 
     // The budget is spent: the next request is refused before reaching the provider.
     let before = mock.received().len();
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &body).await;
     assert_eq!(r.status(), 429);
     let error: Value = r.json().await.unwrap();
     assert_eq!(error["error"]["code"], "budget_exceeded");
@@ -347,18 +335,10 @@ async fn an_unreachable_redis_fails_closed_or_open_per_tenant() {
         &format!("  - name: {closed}\n    rpm: 100\n  - name: {open}\n    rpm: 2\n    on_redis_down: fail_open\n  - name: free\n"),
     );
     let gw = Gateway::start(&yaml, None).await;
-    let client = reqwest::Client::new();
-    let url = format!("{}/v1/chat/completions", gw.url());
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
 
     let key = gw.create_key(&closed).await;
-    let r = client
-        .post(&url)
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &body).await;
     assert_eq!(r.status(), 503);
     assert_eq!(
         r.json::<Value>().await.unwrap()["error"]["code"],
@@ -369,33 +349,13 @@ async fn an_unreachable_redis_fails_closed_or_open_per_tenant() {
     let key = gw.create_key(&open).await;
     let mut statuses = Vec::new();
     for _ in 0..3 {
-        statuses.push(
-            client
-                .post(&url)
-                .bearer_auth(&key)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16(),
-        );
+        statuses.push(gw.chat(&key, &body).await.status().as_u16());
     }
     assert_eq!(statuses, [200, 200, 429]);
 
     // A tenant without limits never needs Redis.
     let key = gw.create_key("free").await;
-    assert_eq!(
-        client
-            .post(&url)
-            .bearer_auth(&key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(gw.chat(&key, &body).await.status(), 200);
     let rows = gw.ledger(&open, 3).await;
     assert_eq!(rows.iter().filter(|r| r.outcome == "ok").count(), 2);
 }
@@ -503,34 +463,15 @@ async fn the_embedded_default_keeps_its_budget_across_restarts() {
     );
     let mut gw = Gateway::start(&yaml, None).await;
     let key = gw.create_key(&tenant).await;
-    let client = reqwest::Client::new();
     for _ in 0..3 {
-        let r = client
-            .post(format!("{}/v1/chat/completions", gw.url()))
-            .bearer_auth(&key)
-            .json(&spend_request(200, 300))
-            .send()
-            .await
-            .unwrap();
+        let r = gw.chat(&key, &spend_request(200, 300)).await;
         assert_eq!(r.status(), 200);
     }
     gw.restart().await;
     // ~1,520 of 2,000 micro-dollars spent before the restart: a ~507 worst case no longer fits.
-    let r = client
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(&key)
-        .json(&spend_request(200, 300))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &spend_request(200, 300)).await;
     assert_eq!(r.status(), 429);
-    let r = client
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(&key)
-        .json(&spend_request(100, 100))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &spend_request(100, 100)).await;
     assert_eq!(r.status(), 200, "a request that fits still passes");
 }
 
@@ -628,15 +569,7 @@ async fn limit_headers_retry_after_and_unpriced_models() {
     );
     let gw = Gateway::start(&yaml, None).await;
     let key = gw.create_key(&tenant).await;
-    let client = reqwest::Client::new();
-    let url = format!("{}/v1/chat/completions", gw.url());
-    let r = client
-        .post(&url)
-        .bearer_auth(&key)
-        .json(&spend_request(10, 20))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &spend_request(10, 20)).await;
     assert_eq!(r.status(), 200);
     let h = r.headers();
     assert_eq!(h["x-ratelimit-limit-requests"], "2");
@@ -654,34 +587,21 @@ async fn limit_headers_retry_after_and_unpriced_models() {
     assert!(remaining < 3.0 && remaining > 2.99, "{remaining}");
 
     // Unpriced models are refused unless the tenant allows them (and cost no RPM).
-    let r = client
-        .post(&url)
-        .bearer_auth(&key)
-        .json(&json!({"model": "free", "messages": [{"role": "user", "content": "x"}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = gw
+        .chat(
+            &key,
+            &json!({"model": "free", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
     assert_eq!(r.status(), 403);
     assert_eq!(
         r.json::<Value>().await.unwrap()["error"]["code"],
         "model_unpriced"
     );
 
-    let r = client
-        .post(&url)
-        .bearer_auth(&key)
-        .json(&spend_request(10, 20))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &spend_request(10, 20)).await;
     assert_eq!(r.status(), 200);
-    let r = client
-        .post(&url)
-        .bearer_auth(&key)
-        .json(&spend_request(10, 20))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &spend_request(10, 20)).await;
     assert_eq!(r.status(), 429);
     let retry: u64 = r.headers()["retry-after"]
         .to_str()

@@ -66,22 +66,15 @@ async fn client_errors() {
         .await
         .unwrap();
     expect_error(r, 400, "invalid_json").await;
-    let r = client
-        .post(&chat_url)
-        .bearer_auth(&key)
-        .json(&json!({"model": "gpt-test"}))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &json!({"model": "gpt-test"})).await;
     let body = expect_error(r, 400, "invalid_request").await;
     assert_eq!(body["error"]["param"], "messages");
-    let r = client
-        .post(&chat_url)
-        .bearer_auth(&key)
-        .json(&json!({"model": "gpt-test", "messages": [], "max_tokens": "ten"}))
-        .send()
-        .await
-        .unwrap();
+    let r = gw
+        .chat(
+            &key,
+            &json!({"model": "gpt-test", "messages": [], "max_tokens": "ten"}),
+        )
+        .await;
     expect_error(r, 400, "invalid_request").await;
     let r = client
         .post(&chat_url)
@@ -92,21 +85,14 @@ async fn client_errors() {
         .unwrap();
     expect_error(r, 400, "invalid_json").await;
 
-    let r = client
-        .post(&chat_url)
-        .bearer_auth(&key)
-        .json(&json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = gw
+        .chat(
+            &key,
+            &json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
     expect_error(r, 404, "model_not_found").await;
-    let r = client
-        .post(&chat_url)
-        .bearer_auth(&other)
-        .json(&good)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&other, &good).await;
     expect_error(r, 404, "model_not_found").await;
 
     let r = client
@@ -179,13 +165,7 @@ async fn body_limit_is_enforced() {
     let gw = Gateway::start(&policy, None).await;
     let key = gw.create_key("acme").await;
     let big = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "x".repeat(200_000)}]});
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(&key)
-        .json(&big)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &big).await;
     expect_error(r, 413, "request_too_large").await;
     assert_eq!(mock.received().len(), 0);
 }
@@ -220,43 +200,18 @@ tenants:
     );
     let gw = Gateway::start(&yaml, None).await;
     let key = gw.create_key("acme").await;
-    let client = reqwest::Client::new();
-    let url = format!("{}/v1/chat/completions", gw.url());
     let ask =
         |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
 
+    expect_error(gw.chat(&key, &ask("gpt-test")).await, 502, "bad_gateway").await;
     expect_error(
-        client
-            .post(&url)
-            .bearer_auth(&key)
-            .json(&ask("gpt-test"))
-            .send()
-            .await
-            .unwrap(),
-        502,
-        "bad_gateway",
-    )
-    .await;
-    expect_error(
-        client
-            .post(&url)
-            .bearer_auth(&key)
-            .json(&ask("slowpoke"))
-            .send()
-            .await
-            .unwrap(),
+        gw.chat(&key, &ask("slowpoke")).await,
         504,
         "gateway_timeout",
     )
     .await;
     // The last backend's own answer (a 500) is passed through once fallbacks are exhausted.
-    let r = client
-        .post(&url)
-        .bearer_auth(&key)
-        .json(&ask("broken"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &ask("broken")).await;
     assert_eq!(r.status(), 500);
     assert_eq!(broken.received().len(), 1);
 
@@ -309,13 +264,7 @@ async fn hostile_inputs_never_break_the_gateway() {
     }
     // One megabyte of a single letter: linear-time counting, and the gateway still answers.
     let hostile = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "a".repeat(1 << 20)}]});
-    let r = client
-        .post(&url)
-        .bearer_auth(&key)
-        .json(&hostile)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &hostile).await;
     assert_eq!(r.status(), 200);
     let r = client
         .get(format!("{}/healthz", gw.url()))

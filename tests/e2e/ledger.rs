@@ -7,17 +7,10 @@ use crate::harness::gateway::{drop_postgres, fresh_postgres};
 use crate::harness::{policy, Gateway, MockUpstream};
 
 async fn traffic(gw: &Gateway, key: &str, n: usize) {
-    let client = reqwest::Client::new();
     for i in 0..n {
         let stream = i % 2 == 1;
         let body = json!({"model": "gpt-test", "stream": stream, "messages": [{"role": "user", "content": format!("request number {i}")}]});
-        let r = client
-            .post(format!("{}/v1/chat/completions", gw.url()))
-            .bearer_auth(key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = gw.chat(key, &body).await;
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
     }

@@ -112,17 +112,10 @@ async fn streams_event_by_event_and_hides_usage_unless_asked() {
     mock.behaviour.chunk_delay_ms.store(150, Ordering::SeqCst);
     let gw = Gateway::start(&policy(&[("alpha", mock.base_url())], ""), None).await;
     let key = gw.create_key("acme").await;
-    let client = reqwest::Client::new();
 
     let mut request = chat("Stream please.");
     request["stream"] = json!(true);
-    let response = client
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(&key)
-        .json(&request)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.chat(&key, &request).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let (events, done, arrivals) = read_sse(response).await;
@@ -146,13 +139,7 @@ async fn streams_event_by_event_and_hides_usage_unless_asked() {
     );
 
     request["stream_options"] = json!({"include_usage": true});
-    let response = client
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(&key)
-        .json(&request)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.chat(&key, &request).await;
     let (events, done, _) = read_sse(response).await;
     assert!(done);
     assert_eq!(events.len(), 6);
@@ -184,13 +171,7 @@ async fn counts_streamed_output_when_the_provider_reports_no_usage() {
     let key = gw.create_key("acme").await;
     let mut request = chat("No usage from this one.");
     request["stream"] = json!(true);
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(&key)
-        .json(&request)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.chat(&key, &request).await;
     let (events, done, _) = read_sse(response).await;
     assert!(done && events.len() == 5);
 
@@ -231,13 +212,7 @@ async fn one_mebibyte_prompt_falls_back_intact_after_a_503() {
         ));
         i += 1;
     }
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(&key)
-        .json(&chat(&prompt))
-        .send()
-        .await
-        .unwrap();
+    let response = gw.chat(&key, &chat(&prompt)).await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(
@@ -284,13 +259,7 @@ async fn connect_failure_falls_back_and_a_stream_waits_for_its_first_byte() {
     let key = gw.create_key("acme").await;
     let mut request = chat("hi");
     request["stream"] = json!(true);
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(&key)
-        .json(&request)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.chat(&key, &request).await;
     assert_eq!(response.status(), 200);
     let (events, done, _) = read_sse(response).await;
     assert!(done && events.len() == 5);
@@ -318,13 +287,7 @@ async fn a_client_that_disconnects_mid_stream_is_not_retried_and_is_billed_for_w
     let key = gw.create_key("acme").await;
     let mut request = chat("long story");
     request["stream"] = json!(true);
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(&key)
-        .json(&request)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.chat(&key, &request).await;
     let mut stream = response.bytes_stream();
     let mut got = String::new();
     while !got.contains("word1") {
@@ -419,15 +382,8 @@ async fn prompt_counts_equal_tiktoken_on_a_varied_corpus() {
         "Mixed\ttabs\n\nand    spaces   and trailing newline\n",
         "مرحبا بالعالم — Привет, мир — Γειά σου Κόσμε",
     ];
-    let client = reqwest::Client::new();
     for text in corpus {
-        let r = client
-            .post(format!("{}/v1/chat/completions", gw.url()))
-            .bearer_auth(&key)
-            .json(&chat(text))
-            .send()
-            .await
-            .unwrap();
+        let r = gw.chat(&key, &chat(text)).await;
         assert_eq!(r.status(), 200);
     }
     let rows = gw.ledger("acme", corpus.len()).await;

@@ -60,13 +60,7 @@ async fn auto_routes_easy_and_hard_prompts_to_different_backends() {
     let client = reqwest::Client::new();
     let url = format!("{}/v1/chat/completions", gw.url());
 
-    let r = client
-        .post(&url)
-        .bearer_auth(&key)
-        .json(&chat(EASY))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &chat(EASY)).await;
     assert_eq!(r.status(), 200);
     let route = r.headers()["x-tollgate-route"]
         .to_str()
@@ -82,13 +76,7 @@ async fn auto_routes_easy_and_hard_prompts_to_different_backends() {
         .parse()
         .unwrap();
     assert!((score - easy).abs() < 1e-3);
-    let r = client
-        .post(&url)
-        .bearer_auth(&key)
-        .json(&chat(HARD))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &chat(HARD)).await;
     assert!(r.headers()["x-tollgate-route"]
         .to_str()
         .unwrap()
@@ -132,13 +120,7 @@ async fn auto_routes_easy_and_hard_prompts_to_different_backends() {
     );
     // A tenant without access to the route does not get it.
     let other = gw.create_key("other").await;
-    let r = client
-        .post(&url)
-        .bearer_auth(&other)
-        .json(&chat(EASY))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&other, &chat(EASY)).await;
     assert_eq!(r.status(), 404);
 
     let rows = gw.ledger("acme", 3).await;
@@ -185,18 +167,10 @@ async fn the_threshold_rises_as_the_tenant_nears_its_budget() {
     );
     let gw = Gateway::start(&yaml, None).await;
     let key = gw.create_key("thrifty").await;
-    let client = reqwest::Client::new();
-    let url = format!("{}/v1/chat/completions", gw.url());
     let mut hard = chat(HARD);
     hard["max_tokens"] = json!(5);
 
-    let r = client
-        .post(&url)
-        .bearer_auth(&key)
-        .json(&hard)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &hard).await;
     assert_eq!(r.status(), 200);
     assert!(
         r.headers()["x-tollgate-route"]
@@ -208,25 +182,9 @@ async fn the_threshold_rises_as_the_tenant_nears_its_budget() {
     // Spend most of the budget on the cheap model directly.
     let spend = json!({"model": "small", "max_tokens": 5, "messages": [{"role": "user", "content": " hello".repeat(1000)}]});
     for _ in 0..9 {
-        assert_eq!(
-            client
-                .post(&url)
-                .bearer_auth(&key)
-                .json(&spend)
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(gw.chat(&key, &spend).await.status(), 200);
     }
-    let r = client
-        .post(&url)
-        .bearer_auth(&key)
-        .json(&hard)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(&key, &hard).await;
     assert_eq!(r.status(), 200);
     let route = r.headers()["x-tollgate-route"]
         .to_str()

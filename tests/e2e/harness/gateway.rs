@@ -101,6 +101,17 @@ impl Gateway {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// POSTs a chat completion request authenticated with `key`.
+    pub async fn chat(&self, key: &str, body: &serde_json::Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", self.url()))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
