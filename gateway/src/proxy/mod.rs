@@ -264,6 +264,8 @@ impl Gateway {
                 .max_output_tokens()
                 .unwrap_or(tenant.default_output_tokens),
         };
+        // Prompt tokens already counted (while routing), to count them only once per tokenizer.
+        let mut counted = None;
         let (model, routed) = match policy.route(&request.model) {
             Some(route) => {
                 if endpoint != Endpoint::ChatCompletions {
@@ -284,12 +286,13 @@ impl Gateway {
                     .limits
                     .budget_utilization(tenant, &meter.key_id)
                     .await;
+                let cheap_prompt = request.count_prompt_tokens(route.cheap.tokenizer) as u64;
+                counted = Some((route.cheap.tokenizer, cheap_prompt));
                 let input = RouteInput {
                     budget_used,
                     field: &field,
                     tier_header: tier_header.as_deref(),
-                    needed_context: request.count_prompt_tokens(route.cheap.tokenizer) as u64
-                        + output_cap,
+                    needed_context: cheap_prompt + output_cap,
                 };
                 let decision = self.state.routing.route(route, Some(tenant), &input)?;
                 let model = match decision.tier {
@@ -315,7 +318,10 @@ impl Gateway {
         };
         meter.tokenizer = model.tokenizer;
         meter.price = model.price;
-        meter.counted_prompt = request.count_prompt_tokens(model.tokenizer) as u64;
+        meter.counted_prompt = match counted {
+            Some((tokenizer, tokens)) if tokenizer == model.tokenizer => tokens,
+            _ => request.count_prompt_tokens(model.tokenizer) as u64,
+        };
         if !model.priced && !tenant.allow_unpriced {
             return Err(ApiError::unpriced_model(&model.name));
         }
