@@ -1,0 +1,55 @@
+//! `tollgate-runtime`: serve one GGUF model over the OpenAI API.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tollgate_runtime::speculative::SpeculationMode;
+use tollgate_runtime::RuntimeOptions;
+
+#[derive(Parser)]
+#[command(name = "tollgate-runtime", version, about = "Tollgate's local inference server (GGUF models on candle)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a model on an OpenAI-compatible API.
+    Serve {
+        /// The GGUF model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// A smaller GGUF model with the same vocabulary, for `--speculate draft`.
+        #[arg(long)]
+        draft: Option<PathBuf>,
+        /// Speculative decoding: prompt-lookup n-grams, a draft model, or off.
+        #[arg(long, default_value = "ngram")]
+        speculate: SpeculationMode,
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        /// Name the model answers to (it also answers to `default`). Default: the file name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Requests generated at once; more wait in arrival order.
+        #[arg(long, default_value_t = 4)]
+        slots: usize,
+        /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    match Cli::parse().command {
+        Command::Serve { model, draft, speculate, listen, name, slots, device } => {
+            let opts = RuntimeOptions { draft, speculate, name, slots, device, ..RuntimeOptions::new(model) };
+            tollgate_runtime::serve(&opts, listen).await
+        }
+    }
+}
