@@ -74,6 +74,8 @@ pub struct EngineConfig {
     pub mode: SpeculationMode,
     pub draft: Option<Arc<Model>>,
     pub slots: usize,
+    /// Pins the draft length instead of adapting it (benchmarks and tests).
+    pub fixed_draft: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -238,7 +240,11 @@ impl Worker {
         let room = (self.model.config.context_length - base - 1).min(a.job.max_tokens - a.completion - 1);
         let draft = match a.proposer.as_mut() {
             Some(p) if room > 0 => {
-                let k = a.length.choose(&self.curve, |k| p.relative_cost(k)).min(room);
+                let k = match self.config.fixed_draft {
+                    Some(k) => k,
+                    None => a.length.choose(&self.curve, |k| p.relative_cost(k)),
+                }
+                .min(room);
                 if k > 0 {
                     p.propose(&a.tokens, k, a.job.params, &mut a.rng)?
                 } else {

@@ -44,11 +44,13 @@ pub struct RuntimeOptions {
     pub max_queue: u64,
     /// `cpu`, or `cuda` / `cuda:N` when built with the `cuda` feature.
     pub device: String,
+    /// Pins the draft length; `None` adapts it to the measured acceptance and cost.
+    pub fixed_draft: Option<usize>,
 }
 
 impl RuntimeOptions {
     pub fn new(model: PathBuf) -> Self {
-        Self { model, draft: None, speculate: SpeculationMode::Ngram, name: None, slots: 4, max_queue: 64, device: "cpu".into() }
+        Self { model, draft: None, speculate: SpeculationMode::Ngram, name: None, slots: 4, max_queue: 64, device: "cpu".into(), fixed_draft: None }
     }
 
     pub fn model_name(&self) -> String {
@@ -106,7 +108,7 @@ pub fn build_state(opts: &RuntimeOptions) -> Result<Arc<AppState>> {
     let engine = Engine::start(
         target.model.clone(),
         target.tokenizer.clone(),
-        EngineConfig { mode: opts.speculate, draft, slots: opts.slots.max(1) },
+        EngineConfig { mode: opts.speculate, draft, slots: opts.slots.max(1), fixed_draft: opts.fixed_draft },
     )?;
     Ok(Arc::new(AppState {
         engine,

@@ -38,6 +38,9 @@ enum Command {
         /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Always draft this many tokens instead of adapting to acceptance and cost.
+        #[arg(long)]
+        draft_len: Option<usize>,
     },
 }
 
@@ -47,8 +50,9 @@ async fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
-        Command::Serve { model, draft, speculate, listen, name, slots, device } => {
-            let opts = RuntimeOptions { draft, speculate, name, slots, device, ..RuntimeOptions::new(model) };
+        Command::Serve { model, draft, speculate, listen, name, slots, device, draft_len } => {
+            let opts =
+                RuntimeOptions { draft, speculate, name, slots, device, fixed_draft: draft_len, ..RuntimeOptions::new(model) };
             tollgate_runtime::serve(&opts, listen).await
         }
     }

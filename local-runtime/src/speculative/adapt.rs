@@ -110,7 +110,7 @@ mod tests {
             d.observe(8, 8);
         }
         assert!(d.choose(&flat, |_| 0.0) >= 6, "high acceptance, flat cost: long drafts");
-        for _ in 0..40 {
+        for _ in 0..100 {
             d.observe(4, 0);
         }
         assert_eq!(d.choose(&flat, |_| 0.0), 0, "nothing accepted: off");
