@@ -59,6 +59,17 @@ pub struct LedgerRow {
     /// the reason, and the cost the request would have had on the premium model.
     #[serde(default)]
     pub routing: Option<Routing>,
+    /// Speculative decoding as the local runtime reported it.
+    #[serde(default)]
+    pub speculation: Option<Speculation>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Speculation {
+    /// Accepted over drafted tokens.
+    pub acceptance_rate: f64,
+    /// Tokens produced per target forward pass (1.0 without speculation).
+    pub tokens_per_pass: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

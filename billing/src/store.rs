@@ -70,7 +70,7 @@ const LEDGER_INSERT: &str = "INSERT INTO ledger (request_id, created_ms, tenant,
     backend, upstream_model, stream, status, outcome, attempts, prompt_tokens, cached_tokens, \
     completion_tokens, counted_prompt_tokens, counted_completion_tokens, provider_prompt_tokens, \
     provider_cached_tokens, provider_completion_tokens, usage_source, cost_micros, latency_ms, ttft_ms, tags, route, tier, route_score, route_reason, routed_model, \
-    premium_equivalent_micros) ";
+    premium_equivalent_micros, spec_acceptance, spec_tokens_per_pass) ";
 const LEDGER_CONFLICT: &str = " ON CONFLICT (request_id) DO NOTHING";
 
 macro_rules! push_ledger_values {
@@ -105,7 +105,9 @@ macro_rules! push_ledger_values {
             .push_bind($r.routing.as_ref().map(|x| x.score))
             .push_bind($r.routing.as_ref().map(|x| x.reason.clone()))
             .push_bind($r.routing.as_ref().map(|x| x.routed_model.clone()))
-            .push_bind($r.routing.as_ref().map(|x| x.premium_equivalent_micros));
+            .push_bind($r.routing.as_ref().map(|x| x.premium_equivalent_micros))
+            .push_bind($r.speculation.map(|x| x.acceptance_rate))
+            .push_bind($r.speculation.map(|x| x.tokens_per_pass));
     };
 }
 
@@ -157,6 +159,18 @@ macro_rules! ledger_from_row {
                         .try_get::<Option<i64>, _>("premium_equivalent_micros")?
                         .unwrap_or_default(),
                 }),
+            },
+            speculation: match (
+                $row.try_get::<Option<f64>, _>("spec_acceptance")?,
+                $row.try_get::<Option<f64>, _>("spec_tokens_per_pass")?,
+            ) {
+                (Some(acceptance_rate), Some(tokens_per_pass)) => {
+                    Some(crate::ledger::Speculation {
+                        acceptance_rate,
+                        tokens_per_pass,
+                    })
+                }
+                _ => None,
             },
         })
     };

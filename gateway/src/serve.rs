@@ -28,6 +28,7 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     };
     let policy = Arc::new(policy);
+    start_local_backends(&policy)?;
     let background = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tollgate-bg")
@@ -79,6 +80,35 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
     });
     tracing::info!("ledger flushed; bye");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads each `kind: local` backend's model and serves it on a loopback port of its own.
+fn start_local_backends(policy: &Policy) -> anyhow::Result<()> {
+    for backend in &policy.backends {
+        let Some(local) = &backend.local else {
+            continue;
+        };
+        let path = &local.options.model;
+        if !path.is_file() {
+            anyhow::bail!(
+                "backend `{}`: model file {} not found (scripts/fetch-model fetches the default one)",
+                backend.name,
+                path.display()
+            );
+        }
+        let started = std::time::Instant::now();
+        let addr = tollgate_runtime::spawn_background(local.options.clone())
+            .map_err(|e| anyhow::anyhow!("backend `{}`: {e:#}", backend.name))?;
+        let _ = local.addr.set(addr);
+        println!(
+            "local backend `{}`: {} on {addr} (speculation: {:?}, ready in {:.1}s)",
+            backend.name,
+            path.display(),
+            local.options.speculate,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 async fn start_background(

@@ -10,8 +10,13 @@ fn main() -> anyhow::Result<()> {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             q.forward(&x)?;
             let t = Instant::now();
-            for _ in 0..50 { q.forward(&x)?; }
-            println!("n={n} k={k} m={m}: {:.1} us", t.elapsed().as_secs_f64() * 1e6 / 50.0);
+            for _ in 0..50 {
+                q.forward(&x)?;
+            }
+            println!(
+                "n={n} k={k} m={m}: {:.1} us",
+                t.elapsed().as_secs_f64() * 1e6 / 50.0
+            );
         }
     }
     Ok(())

@@ -15,7 +15,13 @@ pub(crate) struct AttnShape {
 
 /// `q`: `[n][n_head][head_dim]` for positions `start..start+n`; `k`, `v`:
 /// `[start+n][n_kv][head_dim]`. Returns `[n][n_head][head_dim]`.
-pub(crate) fn causal_attention(q: &[f32], k: &[f32], v: &[f32], start: usize, s: AttnShape) -> Vec<f32> {
+pub(crate) fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    start: usize,
+    s: AttnShape,
+) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function is compiled for.
@@ -32,7 +38,11 @@ unsafe fn attention_avx2(q: &[f32], k: &[f32], v: &[f32], start: usize, s: AttnS
 
 #[inline(always)]
 fn attention_generic(q: &[f32], k: &[f32], v: &[f32], start: usize, s: AttnShape) -> Vec<f32> {
-    let AttnShape { n_head, n_kv, head_dim: d } = s;
+    let AttnShape {
+        n_head,
+        n_kv,
+        head_dim: d,
+    } = s;
     let n = q.len() / (n_head * d);
     let group = n_head / n_kv;
     let row = n_kv * d;
@@ -105,7 +115,11 @@ mod tests {
                 let ws: Vec<f64> = (0..=start + i)
                     .map(|j| {
                         let kv = &k[(j * s.n_kv + g) * d..][..d];
-                        qv.iter().zip(kv).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() / (d as f64).sqrt()
+                        qv.iter()
+                            .zip(kv)
+                            .map(|(a, b)| (*a as f64) * (*b as f64))
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
                     })
                     .collect();
                 let m = ws.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -113,7 +127,8 @@ mod tests {
                 let z: f64 = e.iter().sum();
                 for (j, w) in e.iter().enumerate() {
                     for t in 0..d {
-                        out[(i * s.n_head + h) * d + t] += (w / z * v[(j * s.n_kv + g) * d + t] as f64) as f32;
+                        out[(i * s.n_head + h) * d + t] +=
+                            (w / z * v[(j * s.n_kv + g) * d + t] as f64) as f32;
                     }
                 }
             }
@@ -122,12 +137,18 @@ mod tests {
     }
 
     fn pseudo(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
     }
 
     #[test]
     fn matches_reference_and_is_batch_invariant() {
-        let s = AttnShape { n_head: 6, n_kv: 2, head_dim: 20 };
+        let s = AttnShape {
+            n_head: 6,
+            n_kv: 2,
+            head_dim: 20,
+        };
         let (start, n) = (5, 4);
         let q = pseudo(n * 6 * 20, 1);
         let k = pseudo((start + n) * 2 * 20, 2);
@@ -139,7 +160,13 @@ mod tests {
         // Row by row, each with only the cache it would have had: identical bits.
         for i in 0..n {
             let qi = &q[i * 120..(i + 1) * 120];
-            let one = causal_attention(qi, &k[..(start + i + 1) * 40], &v[..(start + i + 1) * 40], start + i, s);
+            let one = causal_attention(
+                qi,
+                &k[..(start + i + 1) * 40],
+                &v[..(start + i + 1) * 40],
+                start + i,
+                s,
+            );
             assert_eq!(one, batched[i * 120..(i + 1) * 120]);
         }
     }

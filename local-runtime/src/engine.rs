@@ -7,7 +7,8 @@ use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::sampling::{distribution, sample, SamplingParams};
 use crate::speculative::{
-    verify, CostCurve, Draft, DraftLength, DraftModelProposer, NgramProposer, Proposer, SpecStats, SpeculationMode,
+    verify, CostCurve, Draft, DraftLength, DraftModelProposer, NgramProposer, Proposer, SpecStats,
+    SpeculationMode,
 };
 use crate::text::TextStream;
 use crate::tokenizer::ModelTokenizer;
@@ -87,7 +88,11 @@ pub struct Engine {
 
 impl Engine {
     /// Measures the verify-cost curve, then starts the worker thread.
-    pub fn start(model: Arc<Model>, tokenizer: Arc<ModelTokenizer>, config: EngineConfig) -> Result<Self> {
+    pub fn start(
+        model: Arc<Model>,
+        tokenizer: Arc<ModelTokenizer>,
+        config: EngineConfig,
+    ) -> Result<Self> {
         let curve = Arc::new(measure_cost_curve(&model, MAX_DRAFT + 1)?);
         let draft_cost = match &config.draft {
             Some(d) => one_token_cost(d)? / one_token_cost(&model)?,
@@ -96,14 +101,27 @@ impl Engine {
         tracing::info!(curve = ?curve.relative, draft_cost, "verify cost relative to a one-token pass");
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::channel();
-        let worker = Worker { model, tokenizer, config, curve: curve.clone(), draft_cost, metrics: metrics.clone() };
-        std::thread::Builder::new().name("tollgate-runtime-engine".into()).spawn(move || worker.run(rx))?;
+        let worker = Worker {
+            model,
+            tokenizer,
+            config,
+            curve: curve.clone(),
+            draft_cost,
+            metrics: metrics.clone(),
+        };
+        std::thread::Builder::new()
+            .name("tollgate-runtime-engine".into())
+            .spawn(move || worker.run(rx))?;
         Ok(Self { tx, metrics, curve })
     }
 
     pub fn submit(&self, job: Job) -> Result<()> {
-        self.metrics.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.tx.send(job).map_err(|_| anyhow::anyhow!("the engine has stopped"))
+        self.metrics
+            .queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.tx
+            .send(job)
+            .map_err(|_| anyhow::anyhow!("the engine has stopped"))
     }
 }
 
@@ -144,7 +162,11 @@ impl Worker {
         let mut active: Vec<Active> = Vec::new();
         loop {
             while active.len() < self.config.slots {
-                let job = if active.is_empty() { rx.recv().ok() } else { rx.try_recv().ok() };
+                let job = if active.is_empty() {
+                    rx.recv().ok()
+                } else {
+                    rx.try_recv().ok()
+                };
                 let Some(job) = job else {
                     if active.is_empty() {
                         return; // every sender is gone: the server has shut down
@@ -225,19 +247,25 @@ impl Worker {
         let prompt_len = a.job.prompt.len();
         if a.prefilled < prompt_len {
             let end = (a.prefilled + PREFILL_CHUNK).min(prompt_len);
-            let logits = self.model.forward(&a.job.prompt[a.prefilled..end], &mut a.cache)?;
+            let logits = self
+                .model
+                .forward(&a.job.prompt[a.prefilled..end], &mut a.cache)?;
             a.prefilled = end;
             if end < prompt_len {
                 return Ok(Step::Continue);
             }
-            let first = sample(&distribution(logits.last().expect("non-empty chunk"), a.job.params), &mut a.rng);
+            let first = sample(
+                &distribution(logits.last().expect("non-empty chunk"), a.job.params),
+                &mut a.rng,
+            );
             a.first_token = Some(Instant::now());
             return Ok(self.emit(a, &[first]));
         }
         // Invariant: the cache holds every token but the last, which this pass runs first.
         let pending = *a.tokens.last().expect("a token was emitted after prefill");
         let base = a.cache.len();
-        let room = (self.model.config.context_length - base - 1).min(a.job.max_tokens - a.completion - 1);
+        let room =
+            (self.model.config.context_length - base - 1).min(a.job.max_tokens - a.completion - 1);
         let draft = match a.proposer.as_mut() {
             Some(p) if room > 0 => {
                 let k = match self.config.fixed_draft {
@@ -278,13 +306,16 @@ impl Worker {
             }
             a.completion += 1;
             let released = a.text.push(&self.tokenizer.token_bytes(t));
-            if !released.text.is_empty() && a.job.events.send(Event::Delta(released.text)).is_err() {
+            if !released.text.is_empty() && a.job.events.send(Event::Delta(released.text)).is_err()
+            {
                 return Step::Abandoned;
             }
             if released.stopped {
                 return Step::Finished(FinishReason::Stop);
             }
-            if a.completion >= a.job.max_tokens || a.tokens.len() >= self.model.config.context_length {
+            if a.completion >= a.job.max_tokens
+                || a.tokens.len() >= self.model.config.context_length
+            {
                 return Step::Finished(FinishReason::Length);
             }
         }
@@ -304,7 +335,11 @@ impl Worker {
             prompt_tokens: a.job.prompt.len(),
             completion_tokens: a.completion,
             speculation: SpecReport {
-                mode: if a.proposer.is_some() { self.config.mode } else { SpeculationMode::Off },
+                mode: if a.proposer.is_some() {
+                    self.config.mode
+                } else {
+                    SpeculationMode::Off
+                },
                 drafted_tokens: a.stats.drafted,
                 accepted_tokens: a.stats.accepted,
                 acceptance_rate: a.stats.acceptance_rate(),

@@ -21,18 +21,34 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub(crate) fn new(n_layer: usize, n_kv: usize, head_dim: usize, device: &Device) -> Result<Self> {
+    pub(crate) fn new(
+        n_layer: usize,
+        n_kv: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let capacity = if device.is_cpu() { 0 } else { 256 };
         let mut layers = Vec::with_capacity(n_layer);
         for _ in 0..n_layer {
             layers.push(if device.is_cpu() {
-                LayerKv::Host { k: Vec::new(), v: Vec::new() }
+                LayerKv::Host {
+                    k: Vec::new(),
+                    v: Vec::new(),
+                }
             } else {
                 let zeros = || Tensor::zeros((n_kv, capacity, head_dim), DType::F32, device);
-                LayerKv::Device { k: zeros()?, v: zeros()? }
+                LayerKv::Device {
+                    k: zeros()?,
+                    v: zeros()?,
+                }
             });
         }
-        Ok(Self { layers, len: 0, width: n_kv * head_dim, capacity })
+        Ok(Self {
+            layers,
+            len: 0,
+            width: n_kv * head_dim,
+            capacity,
+        })
     }
 
     /// Number of positions whose keys and values are cached.

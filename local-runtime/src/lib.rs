@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod kv;
 pub mod metrics;
 pub mod model;
+pub mod qmatmul;
 pub mod sampling;
 pub mod server;
 pub mod speculative;
@@ -50,12 +51,25 @@ pub struct RuntimeOptions {
 
 impl RuntimeOptions {
     pub fn new(model: PathBuf) -> Self {
-        Self { model, draft: None, speculate: SpeculationMode::Ngram, name: None, slots: 4, max_queue: 64, device: "cpu".into(), fixed_draft: None }
+        Self {
+            model,
+            draft: None,
+            speculate: SpeculationMode::Ngram,
+            name: None,
+            slots: 4,
+            max_queue: 64,
+            device: "cpu".into(),
+            fixed_draft: None,
+        }
     }
 
     pub fn model_name(&self) -> String {
         self.name.clone().unwrap_or_else(|| {
-            let file = self.model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let file = self
+                .model
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
             file.strip_suffix(".gguf").unwrap_or(&file).to_string()
         })
     }
@@ -65,7 +79,12 @@ pub fn device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
-            let ordinal = s.strip_prefix("cuda:").map(|n| n.parse()).transpose().context("cuda:N")?.unwrap_or(0);
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse())
+                .transpose()
+                .context("cuda:N")?
+                .unwrap_or(0);
             Ok(Device::new_cuda(ordinal)?)
         }
         other => bail!("unknown device `{other}` (cpu, cuda, cuda:N)"),
@@ -82,11 +101,22 @@ pub struct Loaded {
 pub fn load_model(path: &std::path::Path, device: &Device) -> Result<Loaded> {
     let mut g = GgufFile::open(path)?;
     let tokenizer = ModelTokenizer::from_gguf(&g)?;
-    let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.token_str(i)).unwrap_or("").to_string();
-    let template =
-        template::ChatTemplate::new(g.string("tokenizer.chat_template"), token_text(tokenizer.bos), token_text(tokenizer.eos))?;
+    let token_text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.token_str(i))
+            .unwrap_or("")
+            .to_string()
+    };
+    let template = template::ChatTemplate::new(
+        g.string("tokenizer.chat_template"),
+        token_text(tokenizer.bos),
+        token_text(tokenizer.eos),
+    )?;
     let model = Model::load(&mut g, device)?;
-    Ok(Loaded { model: Arc::new(model), tokenizer: Arc::new(tokenizer), template })
+    Ok(Loaded {
+        model: Arc::new(model),
+        tokenizer: Arc::new(tokenizer),
+        template,
+    })
 }
 
 /// Loads the model(s), measures the verify-cost curve and starts the engine.
@@ -97,7 +127,10 @@ pub fn build_state(opts: &RuntimeOptions) -> Result<Arc<AppState>> {
         (Some(path), _) => {
             let d = load_model(path, &device)?;
             if d.tokenizer.vocab() != target.tokenizer.vocab() {
-                bail!("the draft model {} does not share the target's vocabulary", path.display());
+                bail!(
+                    "the draft model {} does not share the target's vocabulary",
+                    path.display()
+                );
             }
             Some(d.model)
         }
@@ -108,7 +141,12 @@ pub fn build_state(opts: &RuntimeOptions) -> Result<Arc<AppState>> {
     let engine = Engine::start(
         target.model.clone(),
         target.tokenizer.clone(),
-        EngineConfig { mode: opts.speculate, draft, slots: opts.slots.max(1), fixed_draft: opts.fixed_draft },
+        EngineConfig {
+            mode: opts.speculate,
+            draft,
+            slots: opts.slots.max(1),
+            fixed_draft: opts.fixed_draft,
+        },
     )?;
     Ok(Arc::new(AppState {
         engine,
@@ -123,7 +161,9 @@ pub fn build_state(opts: &RuntimeOptions) -> Result<Arc<AppState>> {
 /// Serves until the process ends.
 pub async fn serve(opts: &RuntimeOptions, listen: SocketAddr) -> Result<()> {
     let state = build_state(opts)?;
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
     tracing::info!(addr = %listener.local_addr()?, model = %state.model_name, "tollgate-runtime serving");
     axum::serve(listener, server::router(state)).await?;
     Ok(())
@@ -137,14 +177,20 @@ pub fn spawn_background(opts: RuntimeOptions) -> Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    std::thread::Builder::new().name(format!("runtime-{}", state.model_name)).spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            if let Err(e) = axum::serve(listener, server::router(state)).await {
-                tracing::error!(error = %e, "local runtime server stopped");
-            }
-        });
-    })?;
+    std::thread::Builder::new()
+        .name(format!("runtime-{}", state.model_name))
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                if let Err(e) = axum::serve(listener, server::router(state)).await {
+                    tracing::error!(error = %e, "local runtime server stopped");
+                }
+            });
+        })?;
     Ok(addr)
 }

@@ -8,7 +8,11 @@ use tollgate_runtime::speculative::SpeculationMode;
 use tollgate_runtime::RuntimeOptions;
 
 #[derive(Parser)]
-#[command(name = "tollgate-runtime", version, about = "Tollgate's local inference server (GGUF models on candle)")]
+#[command(
+    name = "tollgate-runtime",
+    version,
+    about = "Tollgate's local inference server (GGUF models on candle)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,12 +51,30 @@ enum Command {
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     match Cli::parse().command {
-        Command::Serve { model, draft, speculate, listen, name, slots, device, draft_len } => {
-            let opts =
-                RuntimeOptions { draft, speculate, name, slots, device, fixed_draft: draft_len, ..RuntimeOptions::new(model) };
+        Command::Serve {
+            model,
+            draft,
+            speculate,
+            listen,
+            name,
+            slots,
+            device,
+            draft_len,
+        } => {
+            let opts = RuntimeOptions {
+                draft,
+                speculate,
+                name,
+                slots,
+                device,
+                fixed_draft: draft_len,
+                ..RuntimeOptions::new(model)
+            };
             tollgate_runtime::serve(&opts, listen).await
         }
     }

@@ -10,7 +10,10 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
-    pub const GREEDY: Self = Self { temperature: 0.0, top_p: 1.0 };
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_p: 1.0,
+    };
 
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 1e-5
@@ -81,8 +84,17 @@ mod tests {
     fn top_p_keeps_the_smallest_nucleus() {
         let logits = [2.0f32.ln(), 1.0f32.ln(), 1.0f32.ln(), 0.0];
         // softmax: 0.4, 0.2, 0.2, 0.2 (T = 1); top_p 0.5 keeps the first two.
-        let p = distribution(&logits, SamplingParams { temperature: 1.0, top_p: 0.5 });
-        assert!((p[0] - 2.0 / 3.0).abs() < 1e-6 && (p[1] - 1.0 / 3.0).abs() < 1e-6, "{p:?}");
+        let p = distribution(
+            &logits,
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 0.5,
+            },
+        );
+        assert!(
+            (p[0] - 2.0 / 3.0).abs() < 1e-6 && (p[1] - 1.0 / 3.0).abs() < 1e-6,
+            "{p:?}"
+        );
         assert_eq!(&p[2..], &[0.0, 0.0]);
         let g = distribution(&logits, SamplingParams::GREEDY);
         assert_eq!(g, vec![1.0, 0.0, 0.0, 0.0]);

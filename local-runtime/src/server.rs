@@ -48,7 +48,12 @@ pub struct ApiError {
 
 impl ApiError {
     fn bad_request(message: impl Into<String>, code: &'static str) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", code }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            code,
+        }
     }
 }
 
@@ -132,7 +137,8 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 fn serde_path_to_error_free<'de, T: serde::de::DeserializeOwned>(
     de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>,
 ) -> Result<T, ApiError> {
-    T::deserialize(de).map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}"), "invalid_request"))
+    T::deserialize(de)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}"), "invalid_request"))
 }
 
 async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -149,18 +155,28 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Respon
                 let mut text = String::new();
                 for p in parts {
                     if p.kind != "text" {
-                        return ApiError::bad_request(format!("Content part type `{}` is not supported by this model.", p.kind), "unsupported_content")
-                            .into_response();
+                        return ApiError::bad_request(
+                            format!(
+                                "Content part type `{}` is not supported by this model.",
+                                p.kind
+                            ),
+                            "unsupported_content",
+                        )
+                        .into_response();
                     }
                     text.push_str(p.text.as_deref().unwrap_or(""));
                 }
                 text
             }
         };
-        messages.push(ChatMessage { role: m.role, content });
+        messages.push(ChatMessage {
+            role: m.role,
+            content,
+        });
     }
     if messages.is_empty() {
-        return ApiError::bad_request("`messages` must not be empty.", "invalid_request").into_response();
+        return ApiError::bad_request("`messages` must not be empty.", "invalid_request")
+            .into_response();
     }
     let prompt = match s.template.render(&messages) {
         Ok(p) => p,
@@ -176,8 +192,13 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     };
     let prompt = match req.prompt {
         Value::String(p) => p,
-        Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
-        _ => return ApiError::bad_request("`prompt` must be a string.", "invalid_prompt").into_response(),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        _ => {
+            return ApiError::bad_request("`prompt` must be a string.", "invalid_prompt")
+                .into_response()
+        }
     };
     generate(s, req.common, prompt, Kind::Text).await
 }
@@ -192,7 +213,10 @@ async fn generate(s: Arc<AppState>, c: Common, prompt: String, kind: Kind) -> Re
     if c.model != s.model_name && c.model != "default" {
         return ApiError {
             status: StatusCode::NOT_FOUND,
-            message: format!("The model `{}` does not exist; this server serves `{}`.", c.model, s.model_name),
+            message: format!(
+                "The model `{}` does not exist; this server serves `{}`.",
+                c.model, s.model_name
+            ),
             kind: "invalid_request_error",
             code: "model_not_found",
         }
@@ -200,11 +224,16 @@ async fn generate(s: Arc<AppState>, c: Common, prompt: String, kind: Kind) -> Re
     }
     let temperature = c.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return ApiError::bad_request("`temperature` must be between 0 and 2.", "invalid_temperature").into_response();
+        return ApiError::bad_request(
+            "`temperature` must be between 0 and 2.",
+            "invalid_temperature",
+        )
+        .into_response();
     }
     let top_p = c.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return ApiError::bad_request("`top_p` must be in (0, 1].", "invalid_top_p").into_response();
+        return ApiError::bad_request("`top_p` must be in (0, 1].", "invalid_top_p")
+            .into_response();
     }
     if c.n.unwrap_or(1) != 1 {
         return ApiError::bad_request("Only `n: 1` is supported.", "invalid_n").into_response();
@@ -215,11 +244,14 @@ async fn generate(s: Arc<AppState>, c: Common, prompt: String, kind: Kind) -> Re
         Some(Stop::Many(v)) => v,
     };
     if stops.len() > 4 {
-        return ApiError::bad_request("At most 4 stop sequences are allowed.", "invalid_stop").into_response();
+        return ApiError::bad_request("At most 4 stop sequences are allowed.", "invalid_stop")
+            .into_response();
     }
     let ids = match s.tokenizer.encode(&prompt, true) {
         Ok(ids) if !ids.is_empty() => ids,
-        Ok(_) => return ApiError::bad_request("The prompt is empty.", "invalid_prompt").into_response(),
+        Ok(_) => {
+            return ApiError::bad_request("The prompt is empty.", "invalid_prompt").into_response()
+        }
         Err(e) => return ApiError::bad_request(e.to_string(), "invalid_prompt").into_response(),
     };
     let room = s.context_length.saturating_sub(ids.len());
@@ -234,7 +266,8 @@ async fn generate(s: Arc<AppState>, c: Common, prompt: String, kind: Kind) -> Re
         return ApiError::bad_request(msg, "context_length_exceeded").into_response();
     }
     if asked == Some(0) {
-        return ApiError::bad_request("`max_tokens` must be at least 1.", "invalid_max_tokens").into_response();
+        return ApiError::bad_request("`max_tokens` must be at least 1.", "invalid_max_tokens")
+            .into_response();
     }
     if s.engine.metrics.queued.load(Relaxed) >= s.max_queue {
         return ApiError {
@@ -256,12 +289,33 @@ async fn generate(s: Arc<AppState>, c: Common, prompt: String, kind: Kind) -> Re
         events: tx,
     };
     if let Err(e) = s.engine.submit(job) {
-        return ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: e.to_string(), kind: "server_error", code: "engine_stopped" }
-            .into_response();
+        return ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: e.to_string(),
+            kind: "server_error",
+            code: "engine_stopped",
+        }
+        .into_response();
     }
-    let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, uuid::Uuid::new_v4().simple());
-    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let meta = Meta { id, created, model: s.model_name.clone(), kind };
+    let id = format!(
+        "{}-{}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        uuid::Uuid::new_v4().simple()
+    );
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let meta = Meta {
+        id,
+        created,
+        model: s.model_name.clone(),
+        kind,
+    };
     if c.stream {
         stream_response(rx, meta, c.stream_options.is_some_and(|o| o.include_usage))
     } else {
@@ -291,15 +345,28 @@ async fn whole_response(mut rx: mpsc::UnboundedReceiver<Event>, m: Meta) -> Resp
         match ev {
             Event::Delta(d) => text.push_str(&d),
             Event::Error(e) => {
-                return ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e, kind: "server_error", code: "generation_failed" }
-                    .into_response()
+                return ApiError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    message: e,
+                    kind: "server_error",
+                    code: "generation_failed",
+                }
+                .into_response()
             }
             Event::Done(o) => {
                 let choice = match m.kind {
-                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": o.finish_reason}),
-                    Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": o.finish_reason}),
+                    Kind::Chat => {
+                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": o.finish_reason})
+                    }
+                    Kind::Text => {
+                        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": o.finish_reason})
+                    }
                 };
-                let object = if m.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+                let object = if m.kind == Kind::Chat {
+                    "chat.completion"
+                } else {
+                    "text_completion"
+                };
                 return Json(json!({
                     "id": m.id, "object": object, "created": m.created, "model": m.model,
                     "choices": [choice], "usage": usage_json(&o), "system_fingerprint": null,
@@ -308,12 +375,21 @@ async fn whole_response(mut rx: mpsc::UnboundedReceiver<Event>, m: Meta) -> Resp
             }
         }
     }
-    ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: "generation ended early".into(), kind: "server_error", code: "generation_failed" }
-        .into_response()
+    ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: "generation ended early".into(),
+        kind: "server_error",
+        code: "generation_failed",
+    }
+    .into_response()
 }
 
 fn stream_response(rx: mpsc::UnboundedReceiver<Event>, m: Meta, include_usage: bool) -> Response {
-    let object = if m.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let object = if m.kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let chunk = move |choices: Value, usage: Option<Value>| -> Bytes {
         let mut v = json!({"id": m.id, "object": object, "created": m.created, "model": m.model, "choices": choices});
         if let Some(u) = usage {
@@ -323,7 +399,9 @@ fn stream_response(rx: mpsc::UnboundedReceiver<Event>, m: Meta, include_usage: b
     };
     let kind = m.kind;
     let delta = move |text: Option<&str>, finish: Option<&Outcome>| -> Value {
-        let finish_reason = finish.map(|o| json!(o.finish_reason)).unwrap_or(Value::Null);
+        let finish_reason = finish
+            .map(|o| json!(o.finish_reason))
+            .unwrap_or(Value::Null);
         match kind {
             Kind::Chat => {
                 let delta = match text {
@@ -333,38 +411,48 @@ fn stream_response(rx: mpsc::UnboundedReceiver<Event>, m: Meta, include_usage: b
                 };
                 json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}])
             }
-            Kind::Text => json!([{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish_reason}]),
+            Kind::Text => {
+                json!([{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish_reason}])
+            }
         }
     };
     let first = (kind == Kind::Chat).then(|| chunk(delta(None, None), None));
-    let stream = futures_util::stream::unfold((rx, Some(first), false), move |(mut rx, first, done)| {
-        let chunk = chunk.clone();
-        let delta = delta.clone();
-        async move {
-            if let Some(Some(f)) = first {
-                return Some((Ok::<_, std::convert::Infallible>(f), (rx, None, false)));
-            }
-            if done {
-                return None;
-            }
-            match rx.recv().await {
-                Some(Event::Delta(t)) => Some((Ok(chunk(delta(Some(&t), None), None)), (rx, None, false))),
-                Some(Event::Done(o)) => {
-                    let mut out = chunk(delta(None, Some(&o)), None).to_vec();
-                    if include_usage {
-                        out.extend_from_slice(&chunk(json!([]), Some(usage_json(&o))));
+    let stream = futures_util::stream::unfold(
+        (rx, Some(first), false),
+        move |(mut rx, first, done)| {
+            let chunk = chunk.clone();
+            let delta = delta.clone();
+            async move {
+                if let Some(Some(f)) = first {
+                    return Some((Ok::<_, std::convert::Infallible>(f), (rx, None, false)));
+                }
+                if done {
+                    return None;
+                }
+                match rx.recv().await {
+                    Some(Event::Delta(t)) => {
+                        Some((Ok(chunk(delta(Some(&t), None), None)), (rx, None, false)))
                     }
-                    out.extend_from_slice(b"data: [DONE]\n\n");
-                    Some((Ok(Bytes::from(out)), (rx, None, true)))
+                    Some(Event::Done(o)) => {
+                        let mut out = chunk(delta(None, Some(&o)), None).to_vec();
+                        if include_usage {
+                            out.extend_from_slice(&chunk(json!([]), Some(usage_json(&o))));
+                        }
+                        out.extend_from_slice(b"data: [DONE]\n\n");
+                        Some((Ok(Bytes::from(out)), (rx, None, true)))
+                    }
+                    Some(Event::Error(e)) => {
+                        let err = json!({"error": {"message": e, "type": "server_error", "code": "generation_failed"}});
+                        Some((
+                            Ok(Bytes::from(format!("data: {err}\n\n"))),
+                            (rx, None, true),
+                        ))
+                    }
+                    None => None,
                 }
-                Some(Event::Error(e)) => {
-                    let err = json!({"error": {"message": e, "type": "server_error", "code": "generation_failed"}});
-                    Some((Ok(Bytes::from(format!("data: {err}\n\n"))), (rx, None, true)))
-                }
-                None => None,
             }
-        }
-    });
+        },
+    );
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -378,5 +466,8 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.engine.metrics.render(&s.model_name))
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.engine.metrics.render(&s.model_name),
+    )
 }

@@ -50,7 +50,12 @@ mod tests {
     #[test]
     fn chatml_fallback_and_raise_exception() {
         let t = ChatTemplate::new(None, String::new(), String::new()).unwrap();
-        let s = t.render(&[ChatMessage { role: "user".into(), content: "hi".into() }]).unwrap();
+        let s = t
+            .render(&[ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }])
+            .unwrap();
         assert_eq!(s, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
         let strict = ChatTemplate::new(
             Some("{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0].content.strip() }}".into()),
@@ -58,8 +63,21 @@ mod tests {
             String::new(),
         )
         .unwrap();
-        let err = strict.render(&[ChatMessage { role: "assistant".into(), content: "x".into() }]).unwrap_err();
+        let err = strict
+            .render(&[ChatMessage {
+                role: "assistant".into(),
+                content: "x".into(),
+            }])
+            .unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
-        assert_eq!(strict.render(&[ChatMessage { role: "user".into(), content: " y ".into() }]).unwrap(), "y");
+        assert_eq!(
+            strict
+                .render(&[ChatMessage {
+                    role: "user".into(),
+                    content: " y ".into()
+                }])
+                .unwrap(),
+            "y"
+        );
     }
 }

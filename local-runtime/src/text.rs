@@ -19,7 +19,11 @@ pub struct Released {
 
 impl TextStream {
     pub fn new(stops: Vec<String>) -> Self {
-        Self { partial: Vec::new(), held: String::new(), stops: stops.into_iter().filter(|s| !s.is_empty()).collect() }
+        Self {
+            partial: Vec::new(),
+            held: String::new(),
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+        }
     }
 
     pub fn push(&mut self, bytes: &[u8]) -> Released {
@@ -28,17 +32,33 @@ impl TextStream {
         let decoded = String::from_utf8_lossy(&self.partial[..complete]).into_owned();
         self.partial.drain(..complete);
         self.held.push_str(&decoded);
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             let text = self.held[..pos].to_string();
             self.held.clear();
             self.partial.clear();
-            return Released { text, stopped: true };
+            return Released {
+                text,
+                stopped: true,
+            };
         }
-        let keep = self.stops.iter().map(|s| partial_match(&self.held, s)).max().unwrap_or(0);
+        let keep = self
+            .stops
+            .iter()
+            .map(|s| partial_match(&self.held, s))
+            .max()
+            .unwrap_or(0);
         let cut = self.held.len() - keep;
         let text = self.held[..cut].to_string();
         self.held.drain(..cut);
-        Released { text, stopped: false }
+        Released {
+            text,
+            stopped: false,
+        }
     }
 
     /// Everything still held, at the end of generation.
@@ -72,7 +92,11 @@ fn complete_prefix(b: &[u8]) -> usize {
 fn partial_match(text: &str, stop: &str) -> usize {
     (1..stop.len().min(text.len() + 1))
         .rev()
-        .find(|&n| stop.is_char_boundary(n) && text.is_char_boundary(text.len() - n) && text.ends_with(&stop[..n]))
+        .find(|&n| {
+            stop.is_char_boundary(n)
+                && text.is_char_boundary(text.len() - n)
+                && text.ends_with(&stop[..n])
+        })
         .unwrap_or(0)
 }
 
@@ -97,10 +121,22 @@ mod tests {
         let mut s = TextStream::new(vec!["END".into()]);
         assert_eq!(s.push(b"hello E").text, "hello ");
         assert_eq!(s.push(b"N").text, "");
-        assert_eq!(s.push(b"D and more"), Released { text: String::new(), stopped: true });
+        assert_eq!(
+            s.push(b"D and more"),
+            Released {
+                text: String::new(),
+                stopped: true
+            }
+        );
         let mut s = TextStream::new(vec!["END".into()]);
         assert_eq!(s.push(b"hello EN").text, "hello ");
-        assert_eq!(s.push(b"d"), Released { text: "ENd".into(), stopped: false });
+        assert_eq!(
+            s.push(b"d"),
+            Released {
+                text: "ENd".into(),
+                stopped: false
+            }
+        );
         assert_eq!(s.push(b"x E").text, "x ");
         assert_eq!(s.finish(), "E");
     }

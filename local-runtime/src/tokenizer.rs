@@ -40,22 +40,36 @@ impl ModelTokenizer {
             .map(|v| v.to_string().cloned())
             .collect::<candle_core::Result<_>>()?;
         let types: Vec<u32> = match g.get("tokenizer.ggml.token_type") {
-            Some(v) => v.to_vec()?.iter().map(|t| value_u32(t).unwrap_or(1)).collect(),
+            Some(v) => v
+                .to_vec()?
+                .iter()
+                .map(|t| value_u32(t).unwrap_or(1))
+                .collect(),
             None => vec![1; tokens.len()],
         };
         let beside = g.path.with_file_name("tokenizer.json");
         let inner = if beside.exists() {
-            Tokenizer::from_file(&beside).map_err(|e| anyhow::anyhow!("{}: {e}", beside.display()))?
+            Tokenizer::from_file(&beside)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", beside.display()))?
         } else {
             build_bpe(g, &tokens, &types)?
         };
         let bos = g.u32("tokenizer.ggml.bos_token_id");
         let eos = g.u32("tokenizer.ggml.eos_token_id");
-        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        let add_bos = g
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
         let mut stop_ids: Vec<u32> = eos.into_iter().collect();
         for (i, t) in tokens.iter().enumerate() {
-            let end_marker = matches!(t.as_str(), "<|im_end|>" | "<|eot_id|>" | "<|end|>" | "<|endoftext|>" | "</s>");
-            if end_marker && types.get(i).copied() == Some(TOKEN_CONTROL) && !stop_ids.contains(&(i as u32)) {
+            let end_marker = matches!(
+                t.as_str(),
+                "<|im_end|>" | "<|eot_id|>" | "<|end|>" | "<|endoftext|>" | "</s>"
+            );
+            if end_marker
+                && types.get(i).copied() == Some(TOKEN_CONTROL)
+                && !stop_ids.contains(&(i as u32))
+            {
                 stop_ids.push(i as u32);
             }
         }
@@ -64,16 +78,35 @@ impl ModelTokenizer {
                 stop_ids.push(eot);
             }
         }
-        let special = types.iter().map(|t| *t == TOKEN_CONTROL || *t == TOKEN_USER_DEFINED).collect();
+        let special = types
+            .iter()
+            .map(|t| *t == TOKEN_CONTROL || *t == TOKEN_USER_DEFINED)
+            .collect();
         let byte_level = g.string("tokenizer.ggml.model").as_deref() == Some("gpt2");
-        let unicode_to_byte = byte_level_alphabet().into_iter().map(|(b, c)| (c, b)).collect();
-        Ok(Self { inner, bos, eos, add_bos, stop_ids, vocab: tokens, special, byte_level, unicode_to_byte })
+        let unicode_to_byte = byte_level_alphabet()
+            .into_iter()
+            .map(|(b, c)| (c, b))
+            .collect();
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            add_bos,
+            stop_ids,
+            vocab: tokens,
+            special,
+            byte_level,
+            unicode_to_byte,
+        })
     }
 
     /// Token ids of `text`. Special tokens written in the text (from a chat template) map to
     /// their ids; `add_bos` follows the model's metadata.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos && self.add_bos {
             ids.extend(self.bos);
@@ -85,12 +118,17 @@ impl ModelTokenizer {
     /// Raw bytes of one token as it appears in output text. A token can hold part of a
     /// UTF-8 character, so this is bytes, not a string (`TextStream` reassembles them).
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        let Some(piece) = self.vocab.get(id as usize) else { return Vec::new() };
+        let Some(piece) = self.vocab.get(id as usize) else {
+            return Vec::new();
+        };
         if self.special.get(id as usize).copied().unwrap_or(false) {
             return piece.as_bytes().to_vec();
         }
         if self.byte_level {
-            return piece.chars().map(|c| self.unicode_to_byte.get(&c).copied().unwrap_or(b'?')).collect();
+            return piece
+                .chars()
+                .map(|c| self.unicode_to_byte.get(&c).copied().unwrap_or(b'?'))
+                .collect();
         }
         // SentencePiece: U+2581 is a space, `<0xNN>` a raw byte.
         if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>')) {
@@ -135,30 +173,43 @@ fn build_bpe(g: &GgufFile, tokens: &[String], types: &[u32]) -> Result<Tokenizer
         .iter()
         .map(|v| {
             let s = v.to_string()?;
-            let (a, b) = s.split_once(' ').ok_or_else(|| candle_core::Error::Msg(format!("bad merge `{s}`")))?;
+            let (a, b) = s
+                .split_once(' ')
+                .ok_or_else(|| candle_core::Error::Msg(format!("bad merge `{s}`")))?;
             Ok((a.to_string(), b.to_string()))
         })
         .collect::<candle_core::Result<_>>()?;
-    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
         .map_err(|e| anyhow::anyhow!("building BPE: {e}"))?;
     let mut tk = Tokenizer::new(bpe);
-    let pre = g.string("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+    let pre = g
+        .string("tokenizer.ggml.pre")
+        .unwrap_or_else(|| "default".into());
     let byte_level = || PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true));
     let regex_then_bytes = |re: &str| -> Result<Sequence> {
-        let split = Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?;
+        let split = Split::new(
+            SplitPattern::Regex(re.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?;
         Ok(Sequence::new(vec![
             PreTokenizerWrapper::Split(split),
             PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
         ]))
     };
     let seq = match pre.as_str() {
-        "smollm" | "starcoder" | "refact" | "codeshell" => {
-            Sequence::new(vec![PreTokenizerWrapper::Digits(Digits::new(true)), byte_level()])
-        }
+        "smollm" | "starcoder" | "refact" | "codeshell" => Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            byte_level(),
+        ]),
         "qwen2" => regex_then_bytes(QWEN2_SPLIT)?,
         "llama-bpe" | "llama3" => regex_then_bytes(LLAMA3_SPLIT)?,
         _ => Sequence::new(vec![byte_level()]),

@@ -23,7 +23,12 @@ fn tokenizer_matches_llama_cpp_golden_ids() {
     let tk = &loaded().tokenizer;
     for case in golden["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(tk.encode(text, false).unwrap(), want, "ids of {text:?}");
         // And the bytes of those tokens spell the text again.
         let bytes: Vec<u8> = want.iter().flat_map(|&t| tk.token_bytes(t)).collect();
@@ -33,7 +38,13 @@ fn tokenizer_matches_llama_cpp_golden_ids() {
 
 fn prompt_ids(text: &str) -> Vec<u32> {
     let l = loaded();
-    let p = l.template.render(&[ChatMessage { role: "user".into(), content: text.into() }]).unwrap();
+    let p = l
+        .template
+        .render(&[ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+        }])
+        .unwrap();
     l.tokenizer.encode(&p, true).unwrap()
 }
 
@@ -57,15 +68,34 @@ fn kv_rollback_equals_a_fresh_run_and_batches_equal_steps() {
     let mut stepwise = m.new_cache().unwrap();
     m.forward(&prompt, &mut stepwise).unwrap();
     for (i, t) in [504u32, 1017, 28].iter().enumerate() {
-        assert_eq!(m.forward(&[*t], &mut stepwise).unwrap()[0], fresh_logits[i], "position {i}");
+        assert_eq!(
+            m.forward(&[*t], &mut stepwise).unwrap()[0],
+            fresh_logits[i],
+            "position {i}"
+        );
     }
 }
 
 /// Greedy generation through the engine; returns the text, the outcome and the emitted deltas.
-fn generate(engine: &Engine, prompt: &str, max_tokens: usize, stops: Vec<String>, params: SamplingParams, seed: Option<u64>) -> (String, Outcome) {
+fn generate(
+    engine: &Engine,
+    prompt: &str,
+    max_tokens: usize,
+    stops: Vec<String>,
+    params: SamplingParams,
+    seed: Option<u64>,
+) -> (String, Outcome) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     engine
-        .submit(Job { prompt: prompt_ids(prompt), params, max_tokens, stops, seed, speculate: true, events: tx })
+        .submit(Job {
+            prompt: prompt_ids(prompt),
+            params,
+            max_tokens,
+            stops,
+            seed,
+            speculate: true,
+            events: tx,
+        })
         .unwrap();
     let mut text = String::new();
     loop {
@@ -80,7 +110,17 @@ fn generate(engine: &Engine, prompt: &str, max_tokens: usize, stops: Vec<String>
 fn engine(mode: SpeculationMode, fixed_draft: Option<usize>) -> Engine {
     let l = loaded();
     let draft = (mode == SpeculationMode::Draft).then(|| l.model.clone());
-    Engine::start(l.model.clone(), Arc::clone(&l.tokenizer), EngineConfig { mode, draft, slots: 2, fixed_draft }).unwrap()
+    Engine::start(
+        l.model.clone(),
+        Arc::clone(&l.tokenizer),
+        EngineConfig {
+            mode,
+            draft,
+            slots: 2,
+            fixed_draft,
+        },
+    )
+    .unwrap()
 }
 
 const GROUNDED: &str = "Repeat this sentence exactly, then say it again: The quick brown fox jumps over the lazy dog near the river bank.";
@@ -99,12 +139,19 @@ fn speculative_greedy_output_equals_plain_greedy() {
             assert_eq!(got, want, "{name} on {prompt:?}");
             assert_eq!(s.completion_tokens, o.completion_tokens, "{name}");
             assert_eq!(s.finish_reason, o.finish_reason, "{name}");
-            assert!(s.speculation.target_passes <= o.speculation.target_passes, "{name} never costs passes");
+            assert!(
+                s.speculation.target_passes <= o.speculation.target_passes,
+                "{name} never costs passes"
+            );
         }
     }
     // Draft = target accepts everything; n-gram must have accepted something on grounded text.
     let (_, s) = generate(&draft, GROUNDED, 32, vec![], SamplingParams::GREEDY, None);
-    assert!(s.speculation.drafted_tokens > 0 && s.speculation.acceptance_rate == 1.0, "{:?}", s.speculation);
+    assert!(
+        s.speculation.drafted_tokens > 0 && s.speculation.acceptance_rate == 1.0,
+        "{:?}",
+        s.speculation
+    );
     assert!(s.speculation.tokens_per_pass > 2.5, "{:?}", s.speculation);
     let (_, s) = generate(&ngram, GROUNDED, 48, vec![], SamplingParams::GREEDY, None);
     assert!(s.speculation.accepted_tokens > 0, "{:?}", s.speculation);
@@ -121,21 +168,58 @@ fn stops_and_max_tokens_inside_an_accepted_block() {
     let stop = format!(" {}", words[4]);
     let cut = full.find(&stop).unwrap();
     for e in [&plain, &draft] {
-        let (text, o) = generate(e, GROUNDED, 40, vec![stop.clone()], SamplingParams::GREEDY, None);
-        assert_eq!(text, full[..cut], "text ends right before the stop sequence");
-        assert_eq!(o.finish_reason, tollgate_runtime::engine::FinishReason::Stop);
+        let (text, o) = generate(
+            e,
+            GROUNDED,
+            40,
+            vec![stop.clone()],
+            SamplingParams::GREEDY,
+            None,
+        );
+        assert_eq!(
+            text,
+            full[..cut],
+            "text ends right before the stop sequence"
+        );
+        assert_eq!(
+            o.finish_reason,
+            tollgate_runtime::engine::FinishReason::Stop
+        );
         let (_, o) = generate(e, GROUNDED, 7, vec![], SamplingParams::GREEDY, None);
-        assert_eq!((o.completion_tokens, o.finish_reason), (7, tollgate_runtime::engine::FinishReason::Length));
+        assert_eq!(
+            (o.completion_tokens, o.finish_reason),
+            (7, tollgate_runtime::engine::FinishReason::Length)
+        );
     }
 }
 
 #[test]
 fn seeded_sampling_is_reproducible_with_and_without_speculation_enabled() {
     let draft = engine(SpeculationMode::Draft, Some(3));
-    let params = SamplingParams { temperature: 0.8, top_p: 0.95 };
-    let (a, oa) = generate(&draft, "Tell me a story about a robot.", 40, vec![], params, Some(42));
-    let (b, _) = generate(&draft, "Tell me a story about a robot.", 40, vec![], params, Some(42));
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+    };
+    let (a, oa) = generate(
+        &draft,
+        "Tell me a story about a robot.",
+        40,
+        vec![],
+        params,
+        Some(42),
+    );
+    let (b, _) = generate(
+        &draft,
+        "Tell me a story about a robot.",
+        40,
+        vec![],
+        params,
+        Some(42),
+    );
     assert_eq!(a, b, "same seed, same text");
     // Draft = target: p == q, so every drafted token is accepted (min(1, p/q) = 1).
-    assert_eq!(oa.speculation.accepted_tokens, oa.speculation.drafted_tokens);
+    assert_eq!(
+        oa.speculation.accepted_tokens,
+        oa.speculation.drafted_tokens
+    );
 }

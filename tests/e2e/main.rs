@@ -7,6 +7,7 @@ mod cli;
 mod errors;
 mod harness;
 mod ledger;
+mod local_backend;
 mod proxy;
 mod routing;
 mod sdk;

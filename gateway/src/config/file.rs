@@ -109,12 +109,40 @@ pub struct ShutdownSection {
     pub timeout_secs: u64,
 }
 
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Openai,
+    Local,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSection {
     pub name: String,
-    /// OpenAI-compatible base URL, e.g. `https://api.openai.com/v1`.
-    pub base_url: String,
+    /// `openai`: an OpenAI-compatible HTTP API (the default). `local`: Tollgate's bundled
+    /// runtime serving a GGUF file, started by `tollgate serve` on a loopback port.
+    #[serde(default)]
+    pub kind: BackendKind,
+    /// OpenAI-compatible base URL, e.g. `https://api.openai.com/v1` (not for `local`).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// `local`: the GGUF model file (relative paths from the working directory).
+    #[serde(default)]
+    pub model_path: Option<std::path::PathBuf>,
+    /// `local`: a smaller GGUF model with the same vocabulary, for `speculate: draft`.
+    #[serde(default)]
+    pub draft_path: Option<std::path::PathBuf>,
+    /// `local`: `ngram` (default), `draft` or `off`.
+    #[serde(default)]
+    pub speculate: Option<String>,
+    /// `local`: requests generated at once (default 4); more wait in arrival order.
+    #[serde(default)]
+    pub slots: Option<usize>,
+    /// `local`: `cpu` (default) or `cuda` / `cuda:N` (a build with the runtime's `cuda` feature).
+    #[serde(default)]
+    pub device: Option<String>,
     /// Name of the environment variable that holds the provider key (none for open backends).
     #[serde(default)]
     pub api_key_env: Option<String>,

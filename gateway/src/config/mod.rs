@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use tollgate_billing::price::Price;
 use tollgate_billing::tokens::Tokenizer;
 
-use file::{BackendSection, BudgetSection, ModelSection, PriceSection, TenantSection};
+use file::{BackendKind, BackendSection, BudgetSection, ModelSection, PriceSection, TenantSection};
 pub use file::{BudgetMode, OnExhausted, OnRedisDown, PolicyFile};
 use positions::PositionIndex;
 use tollgate_billing::budget::{Period, Tz};
@@ -105,6 +105,24 @@ pub struct Backend {
     pub api_key: Option<String>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// A `kind: local` backend: what `serve` starts, and where it listens once started.
+    pub local: Option<LocalBackend>,
+}
+
+#[derive(Debug)]
+pub struct LocalBackend {
+    pub options: tollgate_runtime::RuntimeOptions,
+    pub addr: std::sync::OnceLock<std::net::SocketAddr>,
+}
+
+impl Backend {
+    /// The port to connect to: a local runtime's is known only once `serve` started it.
+    pub fn port(&self) -> u16 {
+        match self.local.as_ref().and_then(|l| l.addr.get()) {
+            Some(addr) => addr.port(),
+            None => self.port,
+        }
+    }
 }
 
 /// A public name that sends each request to a cheap or a premium model.
@@ -445,13 +463,49 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
                 format!("duplicate backend name `{}`", b.name),
             );
         }
-        let Some((tls, host, port, base_path)) = parse_base_url(&b.base_url) else {
+        if b.connect_timeout_ms == 0 || b.read_timeout_ms == 0 {
+            errors.add(at.clone(), "timeouts must be positive");
+        }
+        let connect_timeout = Duration::from_millis(b.connect_timeout_ms);
+        let read_timeout = Duration::from_millis(b.read_timeout_ms);
+        if b.kind == BackendKind::Local {
+            if let Some(local) = local_backend(b, &at, errors) {
+                backends.push(Arc::new(Backend {
+                    name: b.name.clone(),
+                    tls: false,
+                    host: "127.0.0.1".into(),
+                    port: 0,
+                    base_path: "/v1".into(),
+                    api_key: None,
+                    connect_timeout,
+                    read_timeout,
+                    local: Some(local),
+                }));
+            }
+            continue;
+        }
+        for (field, set) in [
+            ("model_path", b.model_path.is_some()),
+            ("draft_path", b.draft_path.is_some()),
+            ("speculate", b.speculate.is_some()),
+            ("slots", b.slots.is_some()),
+            ("device", b.device.is_some()),
+        ] {
+            if set {
+                errors.add(format!("{at}.{field}"), "only for `kind: local` backends");
+            }
+        }
+        let Some(base_url) = &b.base_url else {
             errors.add(
                 format!("{at}.base_url"),
-                format!(
-                    "`{}` is not an http:// or https:// URL with a host",
-                    b.base_url
-                ),
+                "required for `kind: openai` backends",
+            );
+            continue;
+        };
+        let Some((tls, host, port, base_path)) = parse_base_url(base_url) else {
+            errors.add(
+                format!("{at}.base_url"),
+                format!("`{base_url}` is not an http:// or https:// URL with a host"),
             );
             continue;
         };
@@ -468,9 +522,6 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
             },
             None => None,
         };
-        if b.connect_timeout_ms == 0 || b.read_timeout_ms == 0 {
-            errors.add(at.clone(), "timeouts must be positive");
-        }
         backends.push(Arc::new(Backend {
             name: b.name.clone(),
             tls,
@@ -478,8 +529,9 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
             port,
             base_path,
             api_key,
-            connect_timeout: Duration::from_millis(b.connect_timeout_ms),
-            read_timeout: Duration::from_millis(b.read_timeout_ms),
+            connect_timeout,
+            read_timeout,
+            local: None,
         }));
     }
     if file.backends.is_empty() {
@@ -832,3 +884,64 @@ fn parse_base_url(url: &str) -> Option<(bool, String, u16, String)> {
 
 #[cfg(test)]
 mod tests;
+
+/// Validates a `kind: local` backend into what the runtime needs.
+fn local_backend(b: &BackendSection, at: &str, errors: &mut Errors) -> Option<LocalBackend> {
+    if b.base_url.is_some() {
+        errors.add(
+            format!("{at}.base_url"),
+            "a `kind: local` backend listens where `serve` starts it; remove base_url",
+        );
+    }
+    if b.api_key_env.is_some() {
+        errors.add(
+            format!("{at}.api_key_env"),
+            "a `kind: local` backend takes no key",
+        );
+    }
+    let Some(model) = &b.model_path else {
+        errors.add(
+            format!("{at}.model_path"),
+            "required for `kind: local` backends",
+        );
+        return None;
+    };
+    let mut options = tollgate_runtime::RuntimeOptions::new(model.clone());
+    options.draft = b.draft_path.clone();
+    if let Some(mode) = &b.speculate {
+        match mode.parse() {
+            Ok(m) => options.speculate = m,
+            Err(e) => errors.add(format!("{at}.speculate"), e),
+        }
+    }
+    if options.speculate == tollgate_runtime::speculative::SpeculationMode::Draft
+        && options.draft.is_none()
+    {
+        errors.add(
+            format!("{at}.draft_path"),
+            "required with `speculate: draft`",
+        );
+    }
+    if let Some(slots) = b.slots {
+        if slots == 0 || slots > 256 {
+            errors.add(format!("{at}.slots"), "must be between 1 and 256");
+        }
+        options.slots = slots;
+    }
+    if let Some(device) = &b.device {
+        if !(device == "cpu"
+            || device == "cuda"
+            || device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok()))
+        {
+            errors.add(format!("{at}.device"), "must be `cpu`, `cuda` or `cuda:N`");
+        }
+        options.device = device.clone();
+    }
+    options.name = Some("default".into());
+    Some(LocalBackend {
+        options,
+        addr: std::sync::OnceLock::new(),
+    })
+}

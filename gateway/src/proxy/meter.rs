@@ -75,6 +75,7 @@ impl Meter {
                 prompt: Some(prompt),
                 cached,
                 completion,
+                ..
             }) if completion.is_some() || embeddings => {
                 let usage = Usage {
                     prompt,
@@ -125,6 +126,7 @@ impl Meter {
             latency_ms: self.ended.unwrap_or_default().as_millis() as i64,
             ttft_ms: self.first_byte.map(|d| d.as_millis() as i64),
             tags: self.tags.map(|t| t.to_string()),
+            speculation: self.provider.and_then(|p| p.speculation),
             routing: self.routing.map(|r| Routing {
                 premium_equivalent_micros: as_i64(r.premium_price.cost_micros(usage)),
                 route: r.route,

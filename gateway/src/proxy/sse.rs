@@ -138,7 +138,8 @@ mod tests {
                 Some(ProviderUsage {
                     prompt: Some(9),
                     cached: Some(4),
-                    completion: Some(2)
+                    completion: Some(2),
+                    speculation: None,
                 })
             );
             assert!(relay.saw_done);

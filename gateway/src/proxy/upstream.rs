@@ -66,9 +66,9 @@ impl Upstreams {
 
     async fn resolve(&self, backend: &Backend) -> Result<SocketAddr, AttemptError> {
         if let Ok(ip) = backend.host.parse::<std::net::IpAddr>() {
-            return Ok(SocketAddr::new(ip, backend.port));
+            return Ok(SocketAddr::new(ip, backend.port()));
         }
-        let key = (backend.host.clone(), backend.port);
+        let key = (backend.host.clone(), backend.port());
         if let Some((addr, at)) = self
             .resolved
             .lock()
@@ -79,7 +79,7 @@ impl Upstreams {
                 return Ok(*addr);
             }
         }
-        let addr = tokio::net::lookup_host((backend.host.as_str(), backend.port))
+        let addr = tokio::net::lookup_host((backend.host.as_str(), backend.port()))
             .await
             .ok()
             .and_then(|mut addrs| addrs.next())
@@ -165,11 +165,12 @@ fn request_header(
     let mut header =
         RequestHeader::build("POST", path.as_bytes(), Some(8)).expect("static method and path");
     let default_port = if backend.tls { 443 } else { 80 };
-    let host = match (backend.port == default_port, backend.host.contains(':')) {
+    let port = backend.port();
+    let host = match (port == default_port, backend.host.contains(':')) {
         (true, false) => backend.host.clone(),
         (true, true) => format!("[{}]", backend.host),
-        (false, false) => format!("{}:{}", backend.host, backend.port),
-        (false, true) => format!("[{}]:{}", backend.host, backend.port),
+        (false, false) => format!("{}:{port}", backend.host),
+        (false, true) => format!("[{}]:{port}", backend.host),
     };
     let accept = if stream {
         "text/event-stream"

@@ -2,13 +2,16 @@
 //! the provider says nothing.
 
 use serde_json::Value;
+use tollgate_billing::ledger::Speculation;
 
 /// The provider's `usage` object.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProviderUsage {
     pub prompt: Option<u64>,
     pub cached: Option<u64>,
     pub completion: Option<u64>,
+    /// `usage.speculative` of Tollgate's local runtime.
+    pub speculation: Option<Speculation>,
 }
 
 /// `usage` of a response or of a stream chunk; `None` when absent or null.
@@ -23,6 +26,12 @@ pub fn provider_usage(message: &Value) -> Option<ProviderUsage> {
                 .and_then(|d| d.get("cached_tokens")),
         ),
         completion: number(usage.get("completion_tokens")),
+        speculation: usage.get("speculative").and_then(|s| {
+            Some(Speculation {
+                acceptance_rate: s.get("acceptance_rate")?.as_f64()?,
+                tokens_per_pass: s.get("tokens_per_pass")?.as_f64()?,
+            })
+        }),
     })
 }
 

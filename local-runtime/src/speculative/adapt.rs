@@ -50,7 +50,12 @@ const PROBE_EVERY: u32 = 16;
 impl DraftLength {
     pub fn new(max_k: usize) -> Self {
         // Prior: one accepted of two tried (a = 0.5).
-        Self { accepted: 1.0, tried: 2.0, max_k, steps_off: 0 }
+        Self {
+            accepted: 1.0,
+            tried: 2.0,
+            max_k,
+            steps_off: 0,
+        }
     }
 
     pub fn acceptance(&self) -> f64 {
@@ -104,25 +109,34 @@ mod tests {
 
     #[test]
     fn speculates_when_cheap_and_accepted_and_stops_when_not() {
-        let flat = CostCurve { relative: vec![1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.35, 1.4] };
+        let flat = CostCurve {
+            relative: vec![1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.35, 1.4],
+        };
         let mut d = DraftLength::new(8);
         for _ in 0..20 {
             d.observe(8, 8);
         }
-        assert!(d.choose(&flat, |_| 0.0) >= 6, "high acceptance, flat cost: long drafts");
+        assert!(
+            d.choose(&flat, |_| 0.0) >= 6,
+            "high acceptance, flat cost: long drafts"
+        );
         for _ in 0..100 {
             d.observe(4, 0);
         }
         assert_eq!(d.choose(&flat, |_| 0.0), 0, "nothing accepted: off");
         // A verify pass that costs as much as the tokens it checks never pays.
-        let linear = CostCurve { relative: (1..=9).map(|n| n as f64).collect() };
+        let linear = CostCurve {
+            relative: (1..=9).map(|n| n as f64).collect(),
+        };
         let mut d = DraftLength::new(8);
         for _ in 0..20 {
             d.observe(8, 7);
         }
         assert_eq!(d.choose(&linear, |_| 0.0), 0);
         // Off, it still probes now and then.
-        let probes = (0..PROBE_EVERY).filter(|_| d.choose(&linear, |_| 0.0) > 0).count();
+        let probes = (0..PROBE_EVERY)
+            .filter(|_| d.choose(&linear, |_| 0.0) > 0)
+            .count();
         assert_eq!(probes, 1);
     }
 }

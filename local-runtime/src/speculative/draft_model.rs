@@ -19,18 +19,34 @@ pub struct DraftModelProposer {
 impl DraftModelProposer {
     pub fn new(model: Arc<Model>, step_cost: f64) -> Result<Self> {
         let cache = model.new_cache()?;
-        Ok(Self { model, cache, cached: Vec::new(), step_cost })
+        Ok(Self {
+            model,
+            cache,
+            cached: Vec::new(),
+            step_cost,
+        })
     }
 }
 
 impl Proposer for DraftModelProposer {
-    fn propose(&mut self, context: &[u32], max: usize, params: SamplingParams, rng: &mut rand::rngs::StdRng) -> Result<Draft> {
+    fn propose(
+        &mut self,
+        context: &[u32],
+        max: usize,
+        params: SamplingParams,
+        rng: &mut rand::rngs::StdRng,
+    ) -> Result<Draft> {
         if context.is_empty() || max == 0 {
             return Ok(Draft::default());
         }
         // Reuse the cache up to where it agrees with the context (it holds the last draft,
         // of which only the accepted part is now in the context), and keep one token to run.
-        let common = self.cached.iter().zip(context).take_while(|(a, b)| a == b).count();
+        let common = self
+            .cached
+            .iter()
+            .zip(context)
+            .take_while(|(a, b)| a == b)
+            .count();
         let keep = common.min(context.len() - 1);
         self.cache.truncate(keep);
         self.cached.truncate(keep);
@@ -39,7 +55,11 @@ impl Proposer for DraftModelProposer {
         if max == 0 {
             return Ok(Draft::default());
         }
-        let mut logits = self.model.forward(&context[keep..], &mut self.cache)?.pop().unwrap_or_default();
+        let mut logits = self
+            .model
+            .forward(&context[keep..], &mut self.cache)?
+            .pop()
+            .unwrap_or_default();
         self.cached.extend_from_slice(&context[keep..]);
         let mut tokens = Vec::with_capacity(max);
         let mut probs = Vec::with_capacity(max);
@@ -54,11 +74,18 @@ impl Proposer for DraftModelProposer {
             };
             tokens.push(t);
             if i + 1 < max {
-                logits = self.model.forward(&[t], &mut self.cache)?.pop().unwrap_or_default();
+                logits = self
+                    .model
+                    .forward(&[t], &mut self.cache)?
+                    .pop()
+                    .unwrap_or_default();
                 self.cached.push(t);
             }
         }
-        Ok(Draft { tokens, probs: (!params.is_greedy()).then_some(probs) })
+        Ok(Draft {
+            tokens,
+            probs: (!params.is_greedy()).then_some(probs),
+        })
     }
 
     fn relative_cost(&self, k: usize) -> f64 {

@@ -34,7 +34,9 @@ impl std::str::FromStr for SpeculationMode {
             "off" => Ok(Self::Off),
             "ngram" => Ok(Self::Ngram),
             "draft" => Ok(Self::Draft),
-            _ => Err(format!("unknown speculation mode `{s}` (off, ngram, draft)")),
+            _ => Err(format!(
+                "unknown speculation mode `{s}` (off, ngram, draft)"
+            )),
         }
     }
 }
@@ -50,7 +52,13 @@ pub struct Draft {
 /// Something that guesses what the target will say next.
 pub trait Proposer: Send {
     /// Drafts up to `max` tokens following `context` (the prompt and everything emitted).
-    fn propose(&mut self, context: &[u32], max: usize, params: SamplingParams, rng: &mut rand::rngs::StdRng) -> Result<Draft>;
+    fn propose(
+        &mut self,
+        context: &[u32],
+        max: usize,
+        params: SamplingParams,
+        rng: &mut rand::rngs::StdRng,
+    ) -> Result<Draft>;
 
     /// Cost of drafting `k` tokens, in target-forward units, for choosing the draft length.
     fn relative_cost(&self, k: usize) -> f64;

@@ -14,7 +14,10 @@ pub struct NgramProposer {
 
 impl Default for NgramProposer {
     fn default() -> Self {
-        Self { max_ngram: 4, min_ngram: 2 }
+        Self {
+            max_ngram: 4,
+            min_ngram: 2,
+        }
     }
 }
 
@@ -40,8 +43,17 @@ impl NgramProposer {
 }
 
 impl Proposer for NgramProposer {
-    fn propose(&mut self, context: &[u32], max: usize, _: SamplingParams, _: &mut rand::rngs::StdRng) -> Result<Draft> {
-        Ok(Draft { tokens: self.lookup(context, max), probs: None })
+    fn propose(
+        &mut self,
+        context: &[u32],
+        max: usize,
+        _: SamplingParams,
+        _: &mut rand::rngs::StdRng,
+    ) -> Result<Draft> {
+        Ok(Draft {
+            tokens: self.lookup(context, max),
+            probs: None,
+        })
     }
 
     fn relative_cost(&self, _: usize) -> f64 {

@@ -18,17 +18,28 @@ pub struct Verdict {
 /// where they stop agreeing (or after the block). Sampled (Leviathan et al. 2023, Chen et
 /// al. 2023): keep token x with probability min(1, p(x)/q(x)); on the first rejection draw
 /// from max(0, p - q) renormalised; if all are kept, draw a bonus token from p.
-pub fn verify(logits: &[Vec<f32>], draft: &super::Draft, params: SamplingParams, rng: &mut impl Rng) -> Verdict {
+pub fn verify(
+    logits: &[Vec<f32>],
+    draft: &super::Draft,
+    params: SamplingParams,
+    rng: &mut impl Rng,
+) -> Verdict {
     let k = draft.tokens.len();
     debug_assert_eq!(logits.len(), k + 1);
     if params.is_greedy() {
         for (i, &t) in draft.tokens.iter().enumerate() {
             let best = argmax(&logits[i]);
             if best != t {
-                return Verdict { accepted: i, next: best };
+                return Verdict {
+                    accepted: i,
+                    next: best,
+                };
             }
         }
-        return Verdict { accepted: k, next: argmax(&logits[k]) };
+        return Verdict {
+            accepted: k,
+            next: argmax(&logits[k]),
+        };
     }
     for (i, &x) in draft.tokens.iter().enumerate() {
         let p = distribution(&logits[i], params);
@@ -37,9 +48,18 @@ pub fn verify(logits: &[Vec<f32>], draft: &super::Draft, params: SamplingParams,
         if q_x > 0.0 && rng.gen::<f32>() < (p_x / q_x).min(1.0) {
             continue;
         }
-        return Verdict { accepted: i, next: sample(&residual(&p, draft.probs.as_ref().map(|q| &q[i][..]), x), rng) };
+        return Verdict {
+            accepted: i,
+            next: sample(
+                &residual(&p, draft.probs.as_ref().map(|q| &q[i][..]), x),
+                rng,
+            ),
+        };
     }
-    Verdict { accepted: k, next: sample(&distribution(&logits[k], params), rng) }
+    Verdict {
+        accepted: k,
+        next: sample(&distribution(&logits[k], params), rng),
+    }
 }
 
 /// max(0, p - q), renormalised. A deterministic proposer's q is a point mass on `x`.
@@ -74,10 +94,14 @@ mod tests {
     /// Pearson's chi-square statistic of observed counts against expected probabilities.
     fn chi_square(counts: &[u64], p: &[f32]) -> f64 {
         let n: u64 = counts.iter().sum();
-        counts.iter().zip(p).map(|(&c, &p)| {
-            let e = n as f64 * p as f64;
-            (c as f64 - e).powi(2) / e
-        }).sum()
+        counts
+            .iter()
+            .zip(p)
+            .map(|(&c, &p)| {
+                let e = n as f64 * p as f64;
+                (c as f64 - e).powi(2) / e
+            })
+            .sum()
     }
 
     /// With draft tokens drawn from q, the tokens the verifier emits at each of the first two
@@ -89,7 +113,10 @@ mod tests {
     fn stochastic_verifier_reproduces_the_target_distribution() {
         let p = [0.40f32, 0.25, 0.20, 0.10, 0.05];
         let q = [0.10f32, 0.10, 0.30, 0.30, 0.20];
-        let params = SamplingParams { temperature: 1.0, top_p: 1.0 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut first = [0u64; 5];
         let mut second = [0u64; 5];
@@ -97,10 +124,17 @@ mod tests {
         for _ in 0..trials {
             let d0 = sample(&q, &mut rng);
             let d1 = sample(&q, &mut rng);
-            let draft = Draft { tokens: vec![d0, d1], probs: Some(vec![q.to_vec(), q.to_vec()]) };
+            let draft = Draft {
+                tokens: vec![d0, d1],
+                probs: Some(vec![q.to_vec(), q.to_vec()]),
+            };
             let rows = vec![logits_of(&p), logits_of(&p), logits_of(&p)];
             let v = verify(&rows, &draft, params, &mut rng);
-            let emitted: Vec<u32> = draft.tokens[..v.accepted].iter().copied().chain([v.next]).collect();
+            let emitted: Vec<u32> = draft.tokens[..v.accepted]
+                .iter()
+                .copied()
+                .chain([v.next])
+                .collect();
             first[emitted[0] as usize] += 1;
             if emitted.len() > 1 {
                 second[emitted[1] as usize] += 1;
@@ -111,11 +145,17 @@ mod tests {
         // Deterministic drafts (n-gram): q is a point mass.
         let mut counts = [0u64; 5];
         for _ in 0..trials {
-            let draft = Draft { tokens: vec![3], probs: None };
+            let draft = Draft {
+                tokens: vec![3],
+                probs: None,
+            };
             let v = verify(&[logits_of(&p), logits_of(&p)], &draft, params, &mut rng);
             counts[if v.accepted == 1 { 3 } else { v.next as usize }] += 1;
         }
-        assert!(chi_square(&counts, &p) < 18.47, "point-mass draft: {counts:?}");
+        assert!(
+            chi_square(&counts, &p) < 18.47,
+            "point-mass draft: {counts:?}"
+        );
         // And the statistic does catch a biased sampler.
         let biased = [first[0] * 2, first[1], first[2], first[3], first[4]];
         assert!(chi_square(&biased, &p) > 100.0);
@@ -123,11 +163,33 @@ mod tests {
 
     #[test]
     fn greedy_keeps_the_agreeing_prefix() {
-        let rows = vec![vec![0.0, 5.0, 1.0], vec![3.0, 0.0, 1.0], vec![0.0, 0.0, 9.0]];
+        let rows = vec![
+            vec![0.0, 5.0, 1.0],
+            vec![3.0, 0.0, 1.0],
+            vec![0.0, 0.0, 9.0],
+        ];
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let d = Draft { tokens: vec![1, 2], probs: None };
-        assert_eq!(verify(&rows, &d, SamplingParams::GREEDY, &mut rng), Verdict { accepted: 1, next: 0 });
-        let d = Draft { tokens: vec![1, 0], probs: None };
-        assert_eq!(verify(&rows, &d, SamplingParams::GREEDY, &mut rng), Verdict { accepted: 2, next: 2 });
+        let d = Draft {
+            tokens: vec![1, 2],
+            probs: None,
+        };
+        assert_eq!(
+            verify(&rows, &d, SamplingParams::GREEDY, &mut rng),
+            Verdict {
+                accepted: 1,
+                next: 0
+            }
+        );
+        let d = Draft {
+            tokens: vec![1, 0],
+            probs: None,
+        };
+        assert_eq!(
+            verify(&rows, &d, SamplingParams::GREEDY, &mut rng),
+            Verdict {
+                accepted: 2,
+                next: 2
+            }
+        );
     }
 }

@@ -11,7 +11,11 @@ pub fn model_path() -> PathBuf {
         let out = std::process::Command::new(root.join("scripts/fetch-model"))
             .output()
             .expect("running scripts/fetch-model");
-        assert!(out.status.success(), "fetch-model failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "fetch-model failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         root.join(String::from_utf8(out.stdout).unwrap().trim())
     })
     .clone()
