@@ -1,23 +1,29 @@
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
-use std::time::Instant;
+//! Prints the verify-cost curve of a model: `cargo run --release --example probe -- MODEL.gguf`.
 fn main() -> anyhow::Result<()> {
-    let dev = Device::Cpu;
-    for (n, k) in [(1536usize, 576usize), (576, 1536), (49152, 576)] {
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-        let q = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
-        for m in [1usize, 2, 4, 8] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-            q.forward(&x)?;
-            let t = Instant::now();
-            for _ in 0..50 {
-                q.forward(&x)?;
-            }
-            println!(
-                "n={n} k={k} m={m}: {:.1} us",
-                t.elapsed().as_secs_f64() * 1e6 / 50.0
-            );
-        }
+    let path = std::path::PathBuf::from(std::env::args().nth(1).expect("MODEL.gguf"));
+    let loaded = tollgate_runtime::load_model(&path, &candle_core::Device::Cpu)?;
+    for _ in 0..2 {
+        let curve = tollgate_runtime::engine::measure_cost_curve(&loaded.model, 9)?;
+        println!(
+            "{:?}",
+            curve
+                .relative
+                .iter()
+                .map(|c| (c * 100.0).round() / 100.0)
+                .collect::<Vec<_>>()
+        );
     }
+    let mut cache = loaded.model.new_cache()?;
+    loaded
+        .model
+        .forward(&(0..64).collect::<Vec<u32>>(), &mut cache)?;
+    let t = std::time::Instant::now();
+    for i in 0..50 {
+        loaded.model.forward(&[100 + i], &mut cache)?;
+    }
+    println!(
+        "one-token pass: {:.2} ms",
+        t.elapsed().as_secs_f64() * 1e3 / 50.0
+    );
     Ok(())
 }

@@ -181,7 +181,7 @@ impl Model {
                     Tensor::from_vec(out, (n, c.n_head * c.head_dim), &self.device)?
                 }
                 LayerKv::Device { k: kc, v: vc } => {
-                    device_attention(&q, &k, &v, kc, vc, start, cache.capacity, c)?
+                    device_attention(&q, &k, &v, (kc, vc), start, cache.capacity, c)?
                 }
             };
             let x1 = (&x + layer.wo.forward(&attn)?)?;
@@ -219,8 +219,7 @@ fn device_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    kc: &mut Tensor,
-    vc: &mut Tensor,
+    (kc, vc): (&mut Tensor, &mut Tensor),
     start: usize,
     capacity: usize,
     c: &ModelConfig,

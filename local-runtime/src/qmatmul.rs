@@ -73,7 +73,10 @@ impl QWeights {
                     m.push(f16(&b[2..4]));
                     qs.extend_from_slice(&b[4..20]);
                 }
-                _ => qs.extend_from_slice(&b[2..34]),
+                _ => {
+                    m.push(0.0);
+                    qs.extend_from_slice(&b[2..34]);
+                }
             }
         }
         Some(Self {
@@ -125,37 +128,21 @@ impl QWeights {
 
     /// Columns `start..end` for every row, into `out` (`[rows][end-start]`).
     fn columns(&self, act: &Activations, start: usize, end: usize, out: &mut [f32]) {
-        let width = end - start;
         let kb = self.k / QK;
         for tile in (0..act.rows).step_by(ROW_TILE) {
-            let tile_rows = (act.rows - tile).min(ROW_TILE);
+            let rows = (act.rows - tile).min(ROW_TILE);
+            #[cfg(target_arch = "x86_64")]
+            if simd::available() {
+                // SAFETY: AVX2 and FMA are present (checked once at start-up).
+                unsafe { simd::columns(self, act, tile, rows, start, end, out) };
+                continue;
+            }
+            let width = end - start;
             for j in start..end {
-                let mut sums = [0f32; ROW_TILE];
-                self.dot_tile(act, tile, tile_rows, j, kb, &mut sums);
-                for (r, s) in sums[..tile_rows].iter().enumerate() {
-                    out[(tile + r) * width + (j - start)] = *s;
+                for r in 0..rows {
+                    out[(tile + r) * width + (j - start)] = self.dot_scalar(act, tile + r, j, kb);
                 }
             }
-        }
-    }
-
-    fn dot_tile(
-        &self,
-        act: &Activations,
-        tile: usize,
-        rows: usize,
-        j: usize,
-        kb: usize,
-        sums: &mut [f32; ROW_TILE],
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if simd::available() {
-            // SAFETY: AVX2 and FMA are present (checked once at start-up).
-            unsafe { simd::dot_tile(self, act, tile, rows, j, kb, sums) };
-            return;
-        }
-        for (r, sum) in sums[..rows].iter_mut().enumerate() {
-            *sum = self.dot_scalar(act, tile + r, j, kb);
         }
     }
 
@@ -229,7 +216,7 @@ impl Activations {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{Activations, Kind, QWeights, QK, ROW_TILE};
+    use super::{Activations, Kind, QWeights, QK};
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
@@ -248,55 +235,93 @@ mod simd {
         _mm_cvtss_f32(s)
     }
 
+    /// Every column of `start..end` for rows `tile..tile+rows`. The row count becomes a const
+    /// generic so the accumulators live in registers.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_tile(
+    pub unsafe fn columns(
         w: &QWeights,
         act: &Activations,
         tile: usize,
         rows: usize,
+        start: usize,
+        end: usize,
+        out: &mut [f32],
+    ) {
+        match rows {
+            1 => columns_n::<1>(w, act, tile, start, end, out),
+            2 => columns_n::<2>(w, act, tile, start, end, out),
+            3 => columns_n::<3>(w, act, tile, start, end, out),
+            _ => columns_n::<4>(w, act, tile, start, end, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn columns_n<const R: usize>(
+        w: &QWeights,
+        act: &Activations,
+        tile: usize,
+        start: usize,
+        end: usize,
+        out: &mut [f32],
+    ) {
+        let width = end - start;
+        let kb = w.k / QK;
+        for j in start..end {
+            let sums = dot_tile::<R>(w, act, tile, j, kb);
+            for (r, sum) in sums.iter().enumerate() {
+                *out.get_unchecked_mut((tile + r) * width + (j - start)) = *sum;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_tile<const R: usize>(
+        w: &QWeights,
+        act: &Activations,
+        tile: usize,
         j: usize,
         kb: usize,
-        sums: &mut [f32; ROW_TILE],
-    ) {
-        let mut acc = [_mm256_setzero_ps(); ROW_TILE];
-        let mut offset = [0f32; ROW_TILE];
+    ) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut offset = [0f32; R];
         let ones = _mm256_set1_epi16(1);
         let low4 = _mm_set1_epi8(0x0F);
         let aq = act.q.as_ptr();
+        let q4 = w.kind == Kind::Q4;
         for b in 0..kb {
             let wb = j * kb + b;
             // The weight block, unpacked once for all rows of the tile. For Q8 the sign trick
             // makes maddubs (unsigned x signed) compute signed x signed: |w| * (a * sign(w)).
-            let (wv, wsign) = match w.kind {
-                Kind::Q4 => {
-                    let raw = _mm_loadu_si128(w.qs.as_ptr().add(wb * 16) as *const __m128i);
-                    let lo = _mm_and_si128(raw, low4);
-                    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-                    (_mm256_set_m128i(hi, lo), None)
-                }
-                Kind::Q8 => {
-                    let q = _mm256_loadu_si256(w.qs.as_ptr().add(wb * 32) as *const __m256i);
-                    (_mm256_sign_epi8(q, q), Some(q))
-                }
+            let (wv, wsign) = if q4 {
+                let raw = _mm_loadu_si128(w.qs.as_ptr().add(wb * 16) as *const __m128i);
+                let lo = _mm_and_si128(raw, low4);
+                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+                (_mm256_set_m128i(hi, lo), _mm256_setzero_si256())
+            } else {
+                let q = _mm256_loadu_si256(w.qs.as_ptr().add(wb * 32) as *const __m256i);
+                (_mm256_sign_epi8(q, q), q)
             };
             let wd = *w.d.get_unchecked(wb);
-            for r in 0..rows {
+            let wm = *w.m.get_unchecked(wb);
+            for r in 0..R {
                 let ab = (tile + r) * kb + b;
                 let mut a = _mm256_loadu_si256(aq.add(ab * QK) as *const __m256i);
-                if let Some(sign) = wsign {
-                    a = _mm256_sign_epi8(a, sign);
+                if !q4 {
+                    a = _mm256_sign_epi8(a, wsign);
                 }
                 let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, a), ones);
                 let scale = _mm256_set1_ps(wd * *act.d.get_unchecked(ab));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r]);
-                if w.kind == Kind::Q4 {
-                    offset[r] += *w.m.get_unchecked(wb) * *act.s.get_unchecked(ab);
+                if q4 {
+                    offset[r] = wm.mul_add(*act.s.get_unchecked(ab), offset[r]);
                 }
             }
         }
-        for r in 0..rows {
+        let mut sums = [0f32; R];
+        for r in 0..R {
             sums[r] = hsum(acc[r]) + offset[r];
         }
+        sums
     }
 }
 
@@ -364,12 +389,11 @@ mod tests {
                 );
             }
             // SIMD and scalar paths agree to rounding.
-            for j in 0..n {
+            for (j, simd) in out[..n].iter().enumerate() {
                 let s = w.dot_scalar(&act, 0, j, k / QK);
                 assert!(
-                    (s - out[j]).abs() <= 1e-3 * s.abs().max(1.0),
-                    "{dtype:?} {s} vs {}",
-                    out[j]
+                    (s - simd).abs() <= 1e-3 * s.abs().max(1.0),
+                    "{dtype:?} {s} vs {simd}"
                 );
             }
         }

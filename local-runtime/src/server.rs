@@ -421,7 +421,6 @@ fn stream_response(rx: mpsc::UnboundedReceiver<Event>, m: Meta, include_usage: b
         (rx, Some(first), false),
         move |(mut rx, first, done)| {
             let chunk = chunk.clone();
-            let delta = delta.clone();
             async move {
                 if let Some(Some(f)) = first {
                     return Some((Ok::<_, std::convert::Infallible>(f), (rx, None, false)));

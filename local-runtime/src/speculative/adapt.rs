@@ -73,12 +73,20 @@ impl DraftLength {
     /// The draft length for the next pass.
     pub fn choose(&mut self, curve: &CostCurve, proposer_cost: impl Fn(usize) -> f64) -> usize {
         let a = self.acceptance();
+        let max_k = self.max_k.min(curve.max_block().saturating_sub(1));
         let mut best = (0, 1.0);
-        for k in 1..=self.max_k.min(curve.max_block().saturating_sub(1)) {
-            let rate = Self::expected_tokens(a, k) / (curve.cost(k + 1) + proposer_cost(k));
+        let mut best_if_perfect = 1.0f64;
+        for k in 1..=max_k {
+            let cost = curve.cost(k + 1) + proposer_cost(k);
+            let rate = Self::expected_tokens(a, k) / cost;
             if rate > best.1 * 1.02 {
                 best = (k, rate);
             }
+            best_if_perfect = best_if_perfect.max((k + 1) as f64 / cost);
+        }
+        if best_if_perfect <= 1.02 {
+            // Even a proposer that is always right would not pay for itself here: never probe.
+            return 0;
         }
         if best.0 == 0 {
             self.steps_off += 1;
@@ -133,9 +141,18 @@ mod tests {
             d.observe(8, 7);
         }
         assert_eq!(d.choose(&linear, |_| 0.0), 0);
-        // Off, it still probes now and then.
-        let probes = (0..PROBE_EVERY)
+        // Where even a perfect proposer cannot pay, it is not even probed.
+        let probes = (0..4 * PROBE_EVERY)
             .filter(|_| d.choose(&linear, |_| 0.0) > 0)
+            .count();
+        assert_eq!(probes, 0);
+        // Where a good proposer would pay but this one is not accepted, it probes now and then.
+        let mut d = DraftLength::new(8);
+        for _ in 0..100 {
+            d.observe(4, 0);
+        }
+        let probes = (0..PROBE_EVERY)
+            .filter(|_| d.choose(&flat, |_| 0.0) > 0)
             .count();
         assert_eq!(probes, 1);
     }
