@@ -97,7 +97,7 @@ fn start_local_backends(policy: &Policy) -> anyhow::Result<()> {
             );
         }
         let started = std::time::Instant::now();
-        let addr = tollgate_runtime::spawn_background(local.options.clone())
+        let addr = tollgate_runtime::spawn_background(local.options.clone(), local.listen)
             .map_err(|e| anyhow::anyhow!("backend `{}`: {e:#}", backend.name))?;
         let _ = local.addr.set(addr);
         println!(

@@ -47,6 +47,10 @@ pub struct RuntimeOptions {
     pub device: String,
     /// Pins the draft length; `None` adapts it to the measured acceptance and cost.
     pub fixed_draft: Option<usize>,
+    /// Sampling for requests that set none (OpenAI's defaults are 1.0 and 1.0; small models
+    /// answer better cooler).
+    pub default_temperature: f32,
+    pub default_top_p: f32,
 }
 
 impl RuntimeOptions {
@@ -60,6 +64,8 @@ impl RuntimeOptions {
             max_queue: 64,
             device: "cpu".into(),
             fixed_draft: None,
+            default_temperature: 1.0,
+            default_top_p: 1.0,
         }
     }
 
@@ -155,6 +161,8 @@ pub fn build_state(opts: &RuntimeOptions) -> Result<Arc<AppState>> {
         model_name: opts.model_name(),
         context_length,
         max_queue: opts.max_queue,
+        default_temperature: opts.default_temperature,
+        default_top_p: opts.default_top_p,
     }))
 }
 
@@ -169,12 +177,14 @@ pub async fn serve(opts: &RuntimeOptions, listen: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// Loads the model and serves it on a loopback port from a thread of its own; returns the
-/// address once it accepts connections. This is how `tollgate serve` runs a `kind: local`
-/// backend: inference never shares the proxy's threads.
-pub fn spawn_background(opts: RuntimeOptions) -> Result<SocketAddr> {
+/// Loads the model and serves it from a thread of its own on `listen` (default: a free
+/// loopback port); returns the address once it accepts connections. This is how `tollgate
+/// serve` runs a `kind: local` backend: inference never shares the proxy's threads.
+pub fn spawn_background(opts: RuntimeOptions, listen: Option<SocketAddr>) -> Result<SocketAddr> {
     let state = build_state(&opts)?;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let listener =
+        std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     std::thread::Builder::new()

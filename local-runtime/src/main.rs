@@ -45,6 +45,12 @@ enum Command {
         /// Always draft this many tokens instead of adapting to acceptance and cost.
         #[arg(long)]
         draft_len: Option<usize>,
+        /// Temperature for requests that set none.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        /// top_p for requests that set none.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
     },
 }
 
@@ -65,6 +71,8 @@ async fn main() -> Result<()> {
             slots,
             device,
             draft_len,
+            temperature,
+            top_p,
         } => {
             let opts = RuntimeOptions {
                 draft,
@@ -73,6 +81,8 @@ async fn main() -> Result<()> {
                 slots,
                 device,
                 fixed_draft: draft_len,
+                default_temperature: temperature,
+                default_top_p: top_p,
                 ..RuntimeOptions::new(model)
             };
             tollgate_runtime::serve(&opts, listen).await

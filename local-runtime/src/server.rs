@@ -26,6 +26,8 @@ pub struct AppState {
     pub context_length: usize,
     /// Requests allowed to wait for a slot before new ones get 503.
     pub max_queue: u64,
+    pub default_temperature: f32,
+    pub default_top_p: f32,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -222,7 +224,7 @@ async fn generate(s: Arc<AppState>, c: Common, prompt: String, kind: Kind) -> Re
         }
         .into_response();
     }
-    let temperature = c.temperature.unwrap_or(1.0);
+    let temperature = c.temperature.unwrap_or(s.default_temperature);
     if !(0.0..=2.0).contains(&temperature) {
         return ApiError::bad_request(
             "`temperature` must be between 0 and 2.",
@@ -230,7 +232,7 @@ async fn generate(s: Arc<AppState>, c: Common, prompt: String, kind: Kind) -> Re
         )
         .into_response();
     }
-    let top_p = c.top_p.unwrap_or(1.0);
+    let top_p = c.top_p.unwrap_or(s.default_top_p);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return ApiError::bad_request("`top_p` must be in (0, 1].", "invalid_top_p")
             .into_response();

@@ -11,7 +11,7 @@ fn openai_python_sdk_conformance() {
     let mut opts = RuntimeOptions::new(common::model_path());
     opts.speculate = SpeculationMode::Ngram;
     opts.fixed_draft = Some(4); // always speculate, so stops land inside accepted blocks
-    let addr = tollgate_runtime::spawn_background(opts).expect("runtime starts");
+    let addr = tollgate_runtime::spawn_background(opts, None).expect("runtime starts");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/sdk/runtime_client.py"

@@ -223,3 +223,66 @@ fn seeded_sampling_is_reproducible_with_and_without_speculation_enabled() {
         oa.speculation.drafted_tokens
     );
 }
+
+#[test]
+fn concurrent_requests_get_their_own_answers_and_short_ones_do_not_wait_for_long_ones() {
+    // No speculation: one token per step makes the race below a matter of step counts.
+    let e = engine(SpeculationMode::Off, None); // 2 slots: a third request queues
+    let prompts = [
+        "Write a long story about a dragon who learns to fly.",
+        CODE,
+        "Name three rivers.",
+    ];
+    let max = [96, 24, 3];
+    let solo: Vec<(String, Outcome)> = prompts
+        .iter()
+        .zip(max)
+        .map(|(p, m)| generate(&e, p, m, vec![], SamplingParams::GREEDY, None))
+        .collect();
+    assert!(
+        solo[0].1.completion_tokens >= 60,
+        "the long request is long: {:?}",
+        solo[0].1
+    );
+    let solo: Vec<String> = solo.into_iter().map(|(t, _)| t).collect();
+    let start = std::time::Instant::now();
+    let handles: Vec<_> = prompts
+        .iter()
+        .zip(max)
+        .map(|(p, m)| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            e.submit(Job {
+                prompt: prompt_ids(p),
+                params: SamplingParams::GREEDY,
+                max_tokens: m,
+                stops: vec![],
+                seed: None,
+                speculate: true,
+                events: tx,
+            })
+            .unwrap();
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                loop {
+                    match rx.blocking_recv().unwrap() {
+                        Event::Delta(d) => text.push_str(&d),
+                        Event::Done(_) => return (text, start.elapsed()),
+                        Event::Error(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let results: Vec<(String, std::time::Duration)> =
+        handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (i, (text, _)) in results.iter().enumerate() {
+        assert_eq!(text, &solo[i], "request {i} answered as if alone");
+    }
+    // The 3-token request queued behind two long ones; round-robin steps let it finish first
+    // as soon as a slot frees, instead of after both long generations.
+    assert!(
+        results[2].1 < results[0].1.max(results[1].1),
+        "{:?}",
+        results.iter().map(|r| r.1).collect::<Vec<_>>()
+    );
+}

@@ -143,6 +143,15 @@ pub struct BackendSection {
     /// `local`: `cpu` (default) or `cuda` / `cuda:N` (a build with the runtime's `cuda` feature).
     #[serde(default)]
     pub device: Option<String>,
+    /// `local`: where the runtime listens (default: a free loopback port), e.g. to scrape its
+    /// `/metrics`.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// `local`: sampling for requests that set none (default: OpenAI's 1.0 and 1.0).
+    #[serde(default)]
+    pub default_temperature: Option<f32>,
+    #[serde(default)]
+    pub default_top_p: Option<f32>,
     /// Name of the environment variable that holds the provider key (none for open backends).
     #[serde(default)]
     pub api_key_env: Option<String>,

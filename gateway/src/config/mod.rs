@@ -112,6 +112,8 @@ pub struct Backend {
 #[derive(Debug)]
 pub struct LocalBackend {
     pub options: tollgate_runtime::RuntimeOptions,
+    /// Fixed address for the runtime; `None`: a free loopback port.
+    pub listen: Option<std::net::SocketAddr>,
     pub addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
@@ -490,6 +492,9 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
             ("speculate", b.speculate.is_some()),
             ("slots", b.slots.is_some()),
             ("device", b.device.is_some()),
+            ("default_temperature", b.default_temperature.is_some()),
+            ("default_top_p", b.default_top_p.is_some()),
+            ("listen", b.listen.is_some()),
         ] {
             if set {
                 errors.add(format!("{at}.{field}"), "only for `kind: local` backends");
@@ -939,9 +944,25 @@ fn local_backend(b: &BackendSection, at: &str, errors: &mut Errors) -> Option<Lo
         }
         options.device = device.clone();
     }
+    if let Some(t) = b.default_temperature {
+        if !(0.0..=2.0).contains(&t) {
+            errors.add(
+                format!("{at}.default_temperature"),
+                "must be between 0 and 2",
+            );
+        }
+        options.default_temperature = t;
+    }
+    if let Some(p) = b.default_top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            errors.add(format!("{at}.default_top_p"), "must be in (0, 1]");
+        }
+        options.default_top_p = p;
+    }
     options.name = Some("default".into());
     Some(LocalBackend {
         options,
+        listen: b.listen,
         addr: std::sync::OnceLock::new(),
     })
 }

@@ -128,3 +128,82 @@ fn syntax_and_type_errors_have_positions() {
     let errors = Policy::from_yaml("surprise: 1\n").unwrap_err();
     assert_eq!(errors[0].path, "surprise");
 }
+
+#[test]
+fn local_backends_are_validated_and_carry_runtime_options() {
+    let local = |fields: &str| {
+        format!(
+            "database_url: sqlite://t.db\nbackends:\n  - {{ name: local, kind: local{fields} }}\n\
+             models:\n  - {{ name: smol, targets: [{{ backend: local, model: default }}] }}\ntenants:\n  - name: acme\n"
+        )
+    };
+    let policy = Policy::from_yaml(&local(
+        ", model_path: m.gguf, speculate: off, slots: 3, default_temperature: 0.2, listen: \"127.0.0.1:8090\"",
+    ))
+    .expect("valid");
+    let backend = &policy.backends[0];
+    let spec = backend.local.as_ref().expect("local");
+    assert_eq!(spec.options.model, std::path::PathBuf::from("m.gguf"));
+    assert_eq!(spec.options.slots, 3);
+    assert_eq!(spec.options.default_temperature, 0.2);
+    assert_eq!(spec.listen, Some("127.0.0.1:8090".parse().unwrap()));
+    assert_eq!(
+        (
+            backend.host.as_str(),
+            backend.tls,
+            backend.base_path.as_str()
+        ),
+        ("127.0.0.1", false, "/v1")
+    );
+    // Until serve starts the runtime there is no port; after, the backend reports the runtime's.
+    assert_eq!(backend.port(), 0);
+    spec.addr.set("127.0.0.1:4242".parse().unwrap()).unwrap();
+    assert_eq!(backend.port(), 4242);
+
+    for (fields, path, message) in [
+        ("", "backends[0].model_path", "required"),
+        (
+            ", model_path: m.gguf, base_url: \"http://x\"",
+            "backends[0].base_url",
+            "remove base_url",
+        ),
+        (
+            ", model_path: m.gguf, speculate: draft",
+            "backends[0].draft_path",
+            "required with `speculate: draft`",
+        ),
+        (
+            ", model_path: m.gguf, speculate: medusa",
+            "backends[0].speculate",
+            "unknown speculation mode",
+        ),
+        (
+            ", model_path: m.gguf, slots: 0",
+            "backends[0].slots",
+            "between 1 and 256",
+        ),
+        (
+            ", model_path: m.gguf, device: tpu",
+            "backends[0].device",
+            "cpu",
+        ),
+    ] {
+        let errors = Policy::from_yaml(&local(fields)).expect_err(fields);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == path && e.message.contains(message)),
+            "{fields}: {errors:?}"
+        );
+    }
+    // And runtime fields on an HTTP backend are mistakes, not ignored.
+    let errors = Policy::from_yaml(&VALID.replace(
+        "api_key_env: TOLLGATE_TEST_UNSET_VARIABLE",
+        "api_key_env: TOLLGATE_TEST_UNSET_VARIABLE\n    model_path: m.gguf",
+    ))
+    .expect_err("model_path on an openai backend");
+    assert!(
+        errors.iter().any(|e| e.path == "backends[0].model_path"),
+        "{errors:?}"
+    );
+}
