@@ -66,6 +66,14 @@ enum ConfigCommand {
         /// Defaults to --config.
         file: Option<PathBuf>,
     },
+    /// What switching from OLD to NEW would change: backends, prices, routes, access, budgets.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        /// One JSON object per change instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -113,6 +121,9 @@ pub fn run() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { file },
         } => check(file.as_deref().unwrap_or(&cli.config)),
+        Command::Config {
+            command: ConfigCommand::Diff { old, new, json },
+        } => diff(&old, &new, json),
         Command::Router {
             command: RouterCommand::Eval { data },
         } => crate::router_eval::eval(&data),
@@ -169,6 +180,24 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         }
         None => ExitCode::from(2),
     })
+}
+
+fn diff(old: &Path, new: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let (Some(a), Some(b)) = (load_policy(old), load_policy(new)) else {
+        return Ok(ExitCode::from(2));
+    };
+    let changes = crate::config::diff(&a, &b);
+    for change in &changes {
+        if json {
+            println!("{}", serde_json::to_string(change)?);
+        } else {
+            println!("{change}");
+        }
+    }
+    if changes.is_empty() && !json {
+        println!("no changes");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn other(config: &Path, command: Command) -> anyhow::Result<ExitCode> {

@@ -1,7 +1,9 @@
 //! The policy: loaded from a YAML file, checked completely, and turned into the runtime form the
 //! proxy reads ([`Policy`]). Every problem is reported with its line and column, all at once.
 
+mod diff;
 mod file;
+pub use diff::diff;
 mod positions;
 
 use std::collections::{HashMap, HashSet};

@@ -207,3 +207,59 @@ fn local_backends_are_validated_and_carry_runtime_options() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn every_shipped_policy_file_is_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut files = vec![root.join("tollgate.yaml")];
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    assert!(files.len() >= 4, "{files:?}");
+    for file in files {
+        if let Err(e) = Policy::load(&file) {
+            panic!("{e}");
+        }
+    }
+}
+
+#[test]
+fn diff_reports_prices_budgets_routes_access_and_backends() {
+    let old = Policy::from_yaml(VALID).unwrap();
+    let new = Policy::from_yaml(
+        &VALID
+            .replace("input: 0.15,", "input: 0.30,")
+            .replace(
+                "    models: [gpt-4o-mini]\n",
+                "    budgets:\n      - { limit_usd: 5, period: daily }\n    rpm: 60\n",
+            )
+            .replace(
+                "base_url: https://api.example.com",
+                "base_url: https://api.example.org",
+            ),
+    )
+    .unwrap();
+    let changes: Vec<String> = diff(&old, &new).iter().map(|c| c.to_string()).collect();
+    let has = |s: &str| changes.iter().any(|c| c.contains(s));
+    assert!(
+        has(
+            "prices    gpt-4o-mini: $0.15 in / $0.075 cached / $0.60 out per 1M tokens -> $0.30 in"
+        ),
+        "{changes:#?}"
+    );
+    assert!(
+        has("budgets   acme: added $5.00 daily (hard)"),
+        "{changes:#?}"
+    );
+    assert!(has("limits    acme: rpm unlimited -> 60"), "{changes:#?}");
+    assert!(
+        has("access    acme: models gpt-4o-mini -> every model"),
+        "{changes:#?}"
+    );
+    assert!(
+        has("backends  secondary: https://api.example.com:443 -> https://api.example.org:443"),
+        "{changes:#?}"
+    );
+    assert_eq!(changes.len(), 5, "{changes:#?}");
+    assert!(diff(&old, &Policy::from_yaml(VALID).unwrap()).is_empty());
+}
