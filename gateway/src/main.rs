@@ -5,6 +5,7 @@ mod config;
 mod keys;
 mod limits;
 mod proxy;
+mod reload;
 mod router_eval;
 mod routing;
 mod serve;

@@ -29,12 +29,14 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
     };
     let policy = Arc::new(policy);
     start_local_backends(&policy)?;
+    let current = Arc::new(arc_swap::ArcSwap::new(policy.clone()));
     let background = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tollgate-bg")
         .enable_all()
         .build()?;
-    let (store, keys, ledger, limits) = background.block_on(start_background(&policy))?;
+    let (store, keys, ledger, limits) =
+        background.block_on(start_background(&policy, current.clone()))?;
 
     let conf = ServerConf {
         threads: policy
@@ -47,12 +49,18 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let state = Arc::new(AppState {
-        policy: policy.clone(),
+        policy: current,
         keys,
         ledger: ledger.clone(),
-        limits,
+        limits: limits.clone(),
         routing: crate::routing::Routing::new(),
     });
+    background.spawn(crate::reload::watch(
+        config.to_path_buf(),
+        state.clone(),
+        store.clone(),
+        limits,
+    ));
     let mut service =
         pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state));
     for address in &policy.listen {
@@ -113,6 +121,7 @@ fn start_local_backends(policy: &Policy) -> anyhow::Result<()> {
 
 async fn start_background(
     policy: &Arc<Policy>,
+    current: Arc<arc_swap::ArcSwap<Policy>>,
 ) -> anyhow::Result<(Store, Arc<KeyCache>, ledger::LedgerSender, Arc<Limits>)> {
     let store = Store::open(&policy.database_url).await?;
     let replayed = ledger::replay_spool(&store, &policy.ledger_spool_path).await?;
@@ -153,7 +162,7 @@ async fn start_background(
     if policy.redis_url.is_some() {
         limits.rebuild(policy, &store, lag, false).await;
         tokio::spawn(rebuild_counters(
-            policy.clone(),
+            current,
             store.clone(),
             limits.clone(),
             lag,
@@ -164,14 +173,14 @@ async fn start_background(
 
 /// Watches for a cold Redis and rebuilds its counters from the ledger, off the request path.
 async fn rebuild_counters(
-    policy: Arc<Policy>,
+    policy: Arc<arc_swap::ArcSwap<Policy>>,
     store: Store,
     limits: Arc<Limits>,
     lag: std::time::Duration,
 ) {
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        limits.rebuild(&policy, &store, lag, false).await;
+        limits.rebuild(&policy.load(), &store, lag, false).await;
     }
 }
 

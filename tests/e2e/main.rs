@@ -9,5 +9,6 @@ mod harness;
 mod ledger;
 mod local_backend;
 mod proxy;
+mod reload;
 mod routing;
 mod sdk;

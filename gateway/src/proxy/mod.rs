@@ -45,7 +45,9 @@ const OVERSIZE_DRAIN_BYTES: usize = 64 << 20;
 
 /// What the data plane shares with the rest of the process.
 pub struct AppState {
-    pub policy: Arc<Policy>,
+    /// The policy in force. Each request takes a snapshot when it arrives and keeps it to the
+    /// end, so a reload never changes the rules under a request in flight.
+    pub policy: Arc<arc_swap::ArcSwap<Policy>>,
     pub keys: Arc<KeyCache>,
     pub ledger: LedgerSender,
     pub limits: Arc<Limits>,
@@ -167,7 +169,7 @@ impl Gateway {
     }
 
     fn models_for(&self, tenant: &str) -> Bytes {
-        let policy = &self.state.policy;
+        let policy = self.state.policy.load();
         let names = policy
             .models
             .iter()
@@ -187,6 +189,7 @@ impl Gateway {
             Ok(key) => key,
             Err(error) => return send_error(session, &error, &request_id).await,
         };
+        let policy = self.state.policy.load_full();
         let mut meter = Meter {
             request_id,
             started: Instant::now(),
@@ -210,16 +213,14 @@ impl Gateway {
             served: false,
             ended: None,
             routing: None,
-            tags: self
-                .state
-                .policy
+            tags: policy
                 .tenants
                 .get(&key.tenant)
                 .and_then(|t| t.tags_json.clone()),
         };
         let mut admission = None;
         if let Err(error) = self
-            .proxy_metered(session, endpoint, &mut meter, &mut admission)
+            .proxy_metered(session, endpoint, policy, &mut meter, &mut admission)
             .await
         {
             meter.status = error.status;
@@ -242,10 +243,10 @@ impl Gateway {
         &self,
         session: &mut Session,
         endpoint: Endpoint,
+        policy: Arc<Policy>,
         meter: &mut Meter,
         admission: &mut Option<Admission>,
     ) -> Result<(), ApiError> {
-        let policy = self.state.policy.clone();
         let body = read_body(session, policy.max_body_bytes).await?;
         let request = ClientRequest::parse(endpoint, &body)?;
         drop(body);

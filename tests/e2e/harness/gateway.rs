@@ -147,6 +147,11 @@ impl Gateway {
         panic!("key never became valid");
     }
 
+    /// The gateway process's id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// SIGTERM, then waits for a clean exit.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
