@@ -66,6 +66,8 @@ enum ConfigCommand {
         /// Defaults to --config.
         file: Option<PathBuf>,
     },
+    /// Print the policy file's JSON Schema (committed as configs/tollgate.schema.json).
+    Schema,
     /// What switching from OLD to NEW would change: backends, prices, routes, access, budgets.
     Diff {
         old: PathBuf,
@@ -124,6 +126,14 @@ pub fn run() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Diff { old, new, json },
         } => diff(&old, &new, json),
+        Command::Config {
+            command: ConfigCommand::Schema,
+        } => serde_json::to_string_pretty(&crate::config::schema::schema())
+            .map(|schema| {
+                println!("{schema}");
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
         Command::Router {
             command: RouterCommand::Eval { data },
         } => crate::router_eval::eval(&data),
@@ -167,6 +177,19 @@ pub fn load_policy(path: &Path) -> Option<Policy> {
 }
 
 fn check(path: &Path) -> anyhow::Result<ExitCode> {
+    // The schema first (structure, types, allowed values), then the semantic checks.
+    let text = std::fs::read_to_string(path)?;
+    let errors = crate::config::schema::check(&text);
+    if !errors.is_empty() {
+        eprint!(
+            "{}",
+            crate::config::ConfigErrors {
+                file: path.to_path_buf(),
+                errors
+            }
+        );
+        return Ok(ExitCode::from(2));
+    }
     Ok(match load_policy(path) {
         Some(policy) => {
             println!(

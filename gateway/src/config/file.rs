@@ -5,7 +5,7 @@ use serde::Deserialize;
 use tollgate_billing::budget::Period;
 use tollgate_billing::tokens::Tokenizer;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
     /// Data-plane listen addresses.
@@ -47,7 +47,7 @@ pub struct PolicyFile {
     pub routes: Vec<RouteSection>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSection {
     /// Public name clients send as `model`, e.g. `auto`.
@@ -68,7 +68,7 @@ pub struct RouteSection {
     pub budget_pressure: BudgetPressureSection,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetPressureSection {
     #[serde(default = "default_pressure_start")]
@@ -86,7 +86,7 @@ impl Default for BudgetPressureSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerSection {
     #[serde(default = "default_flush_interval_ms")]
@@ -98,7 +98,7 @@ pub struct LedgerSection {
     pub spool_path: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownSection {
     /// After SIGTERM/SIGINT: seconds to keep serving in-flight requests.
@@ -109,7 +109,7 @@ pub struct ShutdownSection {
     pub timeout_secs: u64,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     #[default]
@@ -117,7 +117,7 @@ pub enum BackendKind {
     Local,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSection {
     pub name: String,
@@ -162,12 +162,15 @@ pub struct BackendSection {
     pub read_timeout_ms: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// Public name clients send as `model`.
     pub name: String,
+    /// Counts prompt tokens before the request is sent (budget holds); billing uses the
+    /// provider's usage report when there is one.
     #[serde(default = "default_tokenizer")]
+    #[schemars(with = "TokenizerName")]
     pub tokenizer: Tokenizer,
     /// USD per 1M tokens.
     #[serde(default)]
@@ -182,7 +185,7 @@ pub struct ModelSection {
     pub supports_tools: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PriceSection {
     pub input: f64,
@@ -192,7 +195,7 @@ pub struct PriceSection {
     pub output: f64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TargetSection {
     pub backend: String,
@@ -200,7 +203,7 @@ pub struct TargetSection {
     pub model: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSection {
     pub name: String,
@@ -251,7 +254,7 @@ pub struct TenantSection {
     pub alerts: Option<AlertsSection>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsSection {
     pub webhook_url: String,
@@ -262,13 +265,14 @@ pub struct AlertsSection {
     pub thresholds: Vec<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetSection {
     #[serde(default)]
     pub limit_usd: Option<f64>,
     #[serde(default)]
     pub limit_tokens: Option<u64>,
+    #[schemars(with = "PeriodName")]
     pub period: Period,
     #[serde(default)]
     pub mode: BudgetMode,
@@ -280,7 +284,7 @@ pub struct BudgetSection {
     pub model: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyLimitSection {
     pub key: String,
@@ -290,7 +294,7 @@ pub struct KeyLimitSection {
     pub tpm: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetMode {
     #[default]
@@ -298,7 +302,7 @@ pub enum BudgetMode {
     Soft,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnExhausted {
     #[default]
@@ -306,7 +310,7 @@ pub enum OnExhausted {
     Finish,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnRedisDown {
     #[default]
@@ -392,4 +396,25 @@ fn default_pressure_start() -> f32 {
 }
 fn default_pressure_power() -> f32 {
     1.0
+}
+
+/// Schema stand-in for `tollgate_billing::tokens::Tokenizer` (same serde names).
+#[derive(schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum TokenizerName {
+    O200kBase,
+    Cl100kBase,
+}
+
+/// Schema stand-in for `tollgate_billing::budget::window::Period` (same serde names).
+#[derive(schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum PeriodName {
+    Minute,
+    Daily,
+    Weekly,
+    Monthly,
+    Total,
 }

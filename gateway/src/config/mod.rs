@@ -5,6 +5,7 @@ mod diff;
 mod file;
 pub use diff::diff;
 mod positions;
+pub mod schema;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
