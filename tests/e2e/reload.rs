@@ -34,8 +34,15 @@ async fn wait_for_log(gw: &Gateway, needle: &str, times: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reload_under_load_drops_nothing_and_bills_each_request_under_one_policy() {
     let mock = MockUpstream::start("alpha").await;
-    mock.behaviour.header_delay_ms.store(1500, Ordering::SeqCst);
-    let gw = Gateway::start(&policy(&[("alpha", mock.base_url())], ""), None).await;
+    // Long enough for all 2,000 to be held at the provider when the policy changes.
+    mock.behaviour.header_delay_ms.store(6000, Ordering::SeqCst);
+    // Generous connect timeout: 2,000 connections opened at once can wait in accept queues on a
+    // loaded CI machine, and a timeout there would be a fallback failure, not a reload effect.
+    let yaml = policy(&[("alpha", mock.base_url())], "").replace(
+        "connect_timeout_ms: 1000, read_timeout_ms: 3000",
+        "connect_timeout_ms: 20000, read_timeout_ms: 60000",
+    );
+    let gw = Gateway::start(&yaml, None).await;
     let key = gw.create_key("acme").await;
     let client = reqwest::Client::new();
     let body =
@@ -53,7 +60,12 @@ async fn reload_under_load_drops_nothing_and_bills_each_request_under_one_policy
                 .map(|r| r.status().as_u16())
         })
     };
-    let in_flight: Vec<_> = (0..IN_FLIGHT).map(|_| send(client.clone())).collect();
+    // Opened in waves of 200 so that no listen backlog overflows.
+    let mut in_flight = Vec::with_capacity(IN_FLIGHT);
+    for _ in 0..IN_FLIGHT / 200 {
+        in_flight.extend((0..200).map(|_| send(client.clone())));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Every request has reached the provider (and so took its policy snapshot) before the swap.
     let deadline = Instant::now() + Duration::from_secs(30);
     while mock.received().len() < IN_FLIGHT {
