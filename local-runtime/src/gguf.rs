@@ -116,13 +116,12 @@ impl ModelConfig {
             .or_else(|| g.u32(&key("rope.dimension_count")))
             .map(|d| d as usize)
             .unwrap_or(n_embd / n_head);
-        let vocab_size = match g.get("tokenizer.ggml.tokens") {
-            Some(v) => v.to_vec().map(|v| v.len()).unwrap_or(0),
-            None => 0,
-        };
         let vocab_size = match g.content.tensor_infos.get("token_embd.weight") {
             Some(info) => info.shape.dims()[0],
-            None => vocab_size,
+            None => g
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.to_vec().ok())
+                .map_or(0, Vec::len),
         };
         Ok(Self {
             name: g.string("general.name").unwrap_or_else(|| arch.clone()),

@@ -98,24 +98,23 @@ impl QWeights {
         let rows = x.len() / self.k;
         let act = Activations::quantize(x, self.k);
         let mut out = vec![0f32; rows * self.n];
+        if rows * self.n * self.k < PARALLEL_MIN_MACS {
+            // The decode path: one pass, straight into the output.
+            self.columns(&act, 0, self.n, &mut out);
+            return out;
+        }
         // Work items are column ranges; each computes every row for its columns.
-        let cols_per_item = if rows * self.n * self.k >= PARALLEL_MIN_MACS {
-            64
-        } else {
-            self.n
-        };
-        let columns: Vec<usize> = (0..self.n).step_by(cols_per_item).collect();
-        let run = |start: usize| -> Vec<f32> {
-            let end = (start + cols_per_item).min(self.n);
-            let mut part = vec![0f32; rows * (end - start)];
-            self.columns(&act, start, end, &mut part);
-            part
-        };
-        let parts: Vec<(usize, Vec<f32>)> = if columns.len() > 1 {
-            columns.par_iter().map(|&s| (s, run(s))).collect()
-        } else {
-            vec![(0, run(0))]
-        };
+        const COLS_PER_ITEM: usize = 64;
+        let starts: Vec<usize> = (0..self.n).step_by(COLS_PER_ITEM).collect();
+        let parts: Vec<(usize, Vec<f32>)> = starts
+            .par_iter()
+            .map(|&start| {
+                let end = (start + COLS_PER_ITEM).min(self.n);
+                let mut part = vec![0f32; rows * (end - start)];
+                self.columns(&act, start, end, &mut part);
+                (start, part)
+            })
+            .collect();
         for (start, part) in parts {
             let width = part.len() / rows.max(1);
             for r in 0..rows {
