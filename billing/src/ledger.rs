@@ -62,6 +62,9 @@ pub struct LedgerRow {
     /// Speculative decoding as the local runtime reported it.
     #[serde(default)]
     pub speculation: Option<Speculation>,
+    /// The tenant's IANA time zone when the request was made: its day in the daily rollups.
+    #[serde(default)]
+    pub time_zone: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -1,4 +1,5 @@
-//! The database: SQLite for the embedded default, Postgres in production.
+//! The database: SQLite for the embedded default, Postgres in production. Reports over the
+//! rollups live in `store/reports.rs`; admin writes (rotation, audit, partitions) in `store/admin.rs`.
 //!
 //! Both speak the same schema (see `migrations/`). Queries are written once in Postgres
 //! placeholder style (`$1`); SQLite reads them as numbered `?1` parameters.
@@ -35,6 +36,12 @@ pub struct KeyRecord {
     pub created_ms: i64,
     pub revoked_ms: Option<i64>,
     pub updated_ms: i64,
+    /// After a rotation: the replaced secret's hash, accepted until `previous_expires_ms`.
+    pub previous_secret_hash: Option<String>,
+    pub previous_expires_ms: Option<i64>,
+    pub rotated_ms: Option<i64>,
+    /// The client-supplied id that made this key (a retried create returns this key).
+    pub idempotency_key: Option<String>,
 }
 
 /// Totals over a slice of the ledger.
@@ -58,6 +65,9 @@ macro_rules! execute {
     };
 }
 
+/// Rollup cells per statement (14 parameters each: well inside SQLite's and Postgres' limits).
+const ROLLUP_CHUNK: usize = 1000;
+
 fn sqlite_sql(sql: &str) -> String {
     sql.replace('$', "?")
 }
@@ -66,12 +76,17 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+const KEY_SELECT: &str = "SELECT id, tenant, name, secret_hash, prefix, created_ms, revoked_ms, \
+    updated_ms, previous_secret_hash, previous_expires_ms, rotated_ms, idempotency_key FROM api_keys";
+
 const LEDGER_INSERT: &str = "INSERT INTO ledger (request_id, created_ms, tenant, key_id, endpoint, model, \
     backend, upstream_model, stream, status, outcome, attempts, prompt_tokens, cached_tokens, \
     completion_tokens, counted_prompt_tokens, counted_completion_tokens, provider_prompt_tokens, \
     provider_cached_tokens, provider_completion_tokens, usage_source, cost_micros, latency_ms, ttft_ms, tags, route, tier, route_score, route_reason, routed_model, \
-    premium_equivalent_micros, spec_acceptance, spec_tokens_per_pass) ";
-const LEDGER_CONFLICT: &str = " ON CONFLICT (request_id) DO NOTHING";
+    premium_equivalent_micros, spec_acceptance, spec_tokens_per_pass, time_zone) ";
+/// No conflict target: in Postgres the key is (request_id, created_ms), the partition key
+/// included. Only the rows actually inserted come back, and only they reach the rollups.
+const LEDGER_CONFLICT: &str = " ON CONFLICT DO NOTHING RETURNING request_id";
 
 macro_rules! push_ledger_values {
     ($b:ident, $r:ident) => {
@@ -107,7 +122,8 @@ macro_rules! push_ledger_values {
             .push_bind($r.routing.as_ref().map(|x| x.routed_model.clone()))
             .push_bind($r.routing.as_ref().map(|x| x.premium_equivalent_micros))
             .push_bind($r.speculation.map(|x| x.acceptance_rate))
-            .push_bind($r.speculation.map(|x| x.tokens_per_pass));
+            .push_bind($r.speculation.map(|x| x.tokens_per_pass))
+            .push_bind($r.time_zone.clone());
     };
 }
 
@@ -172,6 +188,7 @@ macro_rules! ledger_from_row {
                 }
                 _ => None,
             },
+            time_zone: $row.try_get("time_zone")?,
         })
     };
 }
@@ -188,12 +205,20 @@ macro_rules! key_from_row {
                 created_ms: row.try_get("created_ms")?,
                 revoked_ms: row.try_get("revoked_ms")?,
                 updated_ms: row.try_get("updated_ms")?,
+                previous_secret_hash: row.try_get("previous_secret_hash")?,
+                previous_expires_ms: row.try_get("previous_expires_ms")?,
+                rotated_ms: row.try_get("rotated_ms")?,
+                idempotency_key: row.try_get("idempotency_key")?,
             })
         }
     };
 }
 key_from_row!(key_from_sqlite, sqlx::sqlite::SqliteRow);
 key_from_row!(key_from_pg, sqlx::postgres::PgRow);
+
+mod admin;
+mod reports;
+pub use admin::{AuditEntry, Rotation};
 
 impl Store {
     /// Connects (creating a SQLite file when missing) and applies pending migrations.
@@ -235,10 +260,11 @@ impl Store {
         }
     }
 
-    pub async fn insert_key(&self, key: &KeyRecord) -> anyhow::Result<()> {
-        let sql = "INSERT INTO api_keys (id, tenant, name, secret_hash, prefix, created_ms, revoked_ms, updated_ms) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
-        execute!(
+    /// Stores a new key. Returns false, storing nothing, when its idempotency key is taken.
+    pub async fn insert_key(&self, key: &KeyRecord) -> anyhow::Result<bool> {
+        let sql = "INSERT INTO api_keys (id, tenant, name, secret_hash, prefix, created_ms, revoked_ms, updated_ms, idempotency_key) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (idempotency_key) DO NOTHING";
+        let inserted = execute!(
             self,
             sql,
             &key.id,
@@ -248,9 +274,10 @@ impl Store {
             &key.prefix,
             key.created_ms,
             key.revoked_ms,
-            key.updated_ms
+            key.updated_ms,
+            &key.idempotency_key
         )?;
-        Ok(())
+        Ok(inserted > 0)
     }
 
     /// Marks a key revoked; returns false when no active key has that id.
@@ -263,9 +290,8 @@ impl Store {
 
     /// Keys created or changed at or after `since_ms` (all keys for 0), oldest change first.
     pub async fn keys_changed_since(&self, since_ms: i64) -> anyhow::Result<Vec<KeyRecord>> {
-        let sql =
-            "SELECT id, tenant, name, secret_hash, prefix, created_ms, revoked_ms, updated_ms \
-                   FROM api_keys WHERE updated_ms >= $1 ORDER BY updated_ms, id";
+        let sql = format!("{KEY_SELECT} WHERE updated_ms >= $1 ORDER BY updated_ms, id");
+        let sql = sql.as_str();
         let keys = match &self.pool {
             Pool::Sqlite(pool) => sqlx::query(&sqlite_sql(sql))
                 .bind(since_ms)
@@ -285,28 +311,58 @@ impl Store {
         Ok(keys)
     }
 
-    /// Writes rows in one transaction; rows whose request id is already present are skipped.
+    /// Writes rows and their rollups in one transaction; rows already present (same request id
+    /// and arrival time) are skipped and not summed again.
     pub async fn insert_ledger_rows(&self, rows: &[LedgerRow]) -> anyhow::Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
+        macro_rules! insert {
+            ($pool:expr, $db:ty) => {{
+                let mut tx = $pool.begin().await?;
+                let mut builder = sqlx::QueryBuilder::<$db>::new(LEDGER_INSERT);
+                builder.push_values(rows, |mut b, r| {
+                    push_ledger_values!(b, r);
+                });
+                builder.push(LEDGER_CONFLICT);
+                let inserted: std::collections::HashSet<String> = builder
+                    .build()
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(|row| row.try_get("request_id"))
+                    .collect::<Result<_, _>>()?;
+                let new_rows = rows.iter().filter(|r| inserted.contains(&r.request_id));
+                let rollup = crate::rollup::Rollup::of(new_rows);
+                for (table, cells) in rollup.tables() {
+                    for chunk in cells.chunks(ROLLUP_CHUNK) {
+                        let mut builder = sqlx::QueryBuilder::<$db>::new(format!(
+                            "INSERT INTO {table} ({}, tenant, key_id, model, backend, tier, tags, {}) ",
+                            crate::rollup::bucket_column(table),
+                            crate::rollup::SUM_COLUMNS.join(", ")
+                        ));
+                        builder.push_values(chunk, |mut b, (key, sums)| {
+                            b.push_bind(key.bucket)
+                                .push_bind(&key.tenant)
+                                .push_bind(&key.key_id)
+                                .push_bind(&key.model)
+                                .push_bind(&key.backend)
+                                .push_bind(&key.tier)
+                                .push_bind(&key.tags);
+                            for value in sums.values() {
+                                b.push_bind(value);
+                            }
+                        });
+                        builder.push(crate::rollup::upsert_clause(table));
+                        builder.build().execute(&mut *tx).await?;
+                    }
+                }
+                tx.commit().await?;
+            }};
+        }
         match &self.pool {
-            Pool::Sqlite(pool) => {
-                let mut builder = sqlx::QueryBuilder::<sqlx::Sqlite>::new(LEDGER_INSERT);
-                builder.push_values(rows, |mut b, r| {
-                    push_ledger_values!(b, r);
-                });
-                builder.push(LEDGER_CONFLICT);
-                builder.build().execute(pool).await?;
-            }
-            Pool::Postgres(pool) => {
-                let mut builder = sqlx::QueryBuilder::<sqlx::Postgres>::new(LEDGER_INSERT);
-                builder.push_values(rows, |mut b, r| {
-                    push_ledger_values!(b, r);
-                });
-                builder.push(LEDGER_CONFLICT);
-                builder.build().execute(pool).await?;
-            }
+            Pool::Sqlite(pool) => insert!(pool, sqlx::Sqlite),
+            Pool::Postgres(pool) => insert!(pool, sqlx::Postgres),
         }
         Ok(())
     }

@@ -117,6 +117,13 @@ impl Admission {
     }
 }
 
+/// A budget in its current window: what was counted and what in-flight requests hold.
+pub struct BudgetState {
+    pub window: Window,
+    pub used: i64,
+    pub reserved: i64,
+}
+
 pub struct Limits {
     shared: Option<RedisCounters>,
     local: LocalCounters,
@@ -285,6 +292,24 @@ impl Limits {
             local: LocalCounters::default(),
             hold: policy.reservation_ttl,
             http,
+        })
+    }
+
+    /// The live state of one of a tenant's budgets.
+    pub async fn budget_state(
+        &self,
+        tenant: &Tenant,
+        budget: &Budget,
+    ) -> Result<BudgetState, tollgate_billing::budget::Unavailable> {
+        let window = window(budget.period, tenant.time_zone, now_ms());
+        let (used, reserved) = self
+            .store(false)
+            .read(&budget_counter(&tenant.name, budget, &window))
+            .await?;
+        Ok(BudgetState {
+            window,
+            used,
+            reserved,
         })
     }
 

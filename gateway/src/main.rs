@@ -1,5 +1,6 @@
 //! `tollgate`: the gateway binary and its command line.
 
+mod admin;
 mod cli;
 mod config;
 mod keys;

@@ -92,6 +92,9 @@ fn keep_restart_only_settings(old: &Policy, new: &mut Policy) {
         ledger_flush_interval,
         ledger_max_batch,
         ledger_spool_path,
+        ledger_retention_months,
+        admin_listen,
+        admin_token_env,
         grace_period,
         shutdown_timeout
     );

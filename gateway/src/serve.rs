@@ -61,6 +61,19 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
         store.clone(),
         limits,
     ));
+    if let Some(address) = policy.admin_listen {
+        start_admin(
+            &background,
+            address,
+            &policy.admin_token_env,
+            state.clone(),
+            store.clone(),
+        )?;
+    }
+    background.spawn(maintain_partitions(
+        store.clone(),
+        policy.ledger_retention_months,
+    ));
     let mut service =
         pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state));
     for address in &policy.listen {
@@ -88,6 +101,46 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
     });
     tracing::info!("ledger flushed; bye");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Binds the admin port (a failure stops `serve`: an admin API that silently is not there would
+/// be found out at the worst time) and serves the admin API on the background runtime.
+fn start_admin(
+    background: &tokio::runtime::Runtime,
+    address: std::net::SocketAddr,
+    token_env: &str,
+    state: Arc<AppState>,
+    store: Store,
+) -> anyhow::Result<()> {
+    let listener = background
+        .block_on(tokio::net::TcpListener::bind(address))
+        .map_err(|e| anyhow::anyhow!("admin API: cannot listen on {address}: {e}"))?;
+    let (token, generated) = crate::admin::admin_token(token_env);
+    if generated {
+        println!("Admin token for this run (set {token_env} to choose your own); shown only here:");
+        println!("  {token}");
+    }
+    println!("admin API and dashboard on http://{address}/");
+    let admin = Arc::new(crate::admin::AdminState::new(state, store, &token));
+    background.spawn(crate::admin::serve(listener, admin));
+    Ok(())
+}
+
+/// Keeps the ledger's monthly partitions ahead of time and drops those past retention
+/// (Postgres; nothing to do on SQLite). Hourly, so a month boundary is never missed.
+async fn maintain_partitions(store: Store, retention_months: Option<u32>) {
+    loop {
+        match store.maintain_partitions(retention_months).await {
+            Ok(dropped) if !dropped.is_empty() => {
+                tracing::info!(?dropped, "ledger partitions past retention dropped")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("ledger partition maintenance failed (retrying in an hour): {e:#}")
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+    }
 }
 
 /// Loads each `kind: local` backend's model and serves it on a loopback port of its own.
@@ -129,7 +182,11 @@ async fn start_background(
         tracing::info!(rows = replayed, "replayed spooled ledger rows");
     }
     if store.keys_changed_since(0).await?.is_empty() && policy.tenants.contains_key(DEMO_TENANT) {
-        let (record, secret) = keys::create_key(&store, DEMO_TENANT, Some("demo")).await?;
+        let keys::Created::New(record, secret) =
+            keys::create_key(&store, DEMO_TENANT, Some("demo"), None).await?
+        else {
+            anyhow::bail!("the demo key was not created");
+        };
         println!(
             "Created a demo API key for tenant `{DEMO_TENANT}` ({}). It is shown only once:",
             record.id

@@ -79,23 +79,22 @@ async fn shutdown_flushes_and_usage_reports() {
     assert_eq!(rows.len(), 4);
     let total: i64 = rows.iter().map(|r| r.cost_micros).sum();
 
-    let out = gw.cli(&["usage", "--tenant", "acme", "--since", "2020-01-01"]);
-    assert!(out.status.success());
-    let report = String::from_utf8(out.stdout).unwrap();
-    let total_line = report.lines().find(|l| l.starts_with("TOTAL")).unwrap();
-    assert!(
-        total_line.split_whitespace().nth(1) == Some("4"),
-        "{report}"
-    );
-    assert!(
-        total_line.ends_with(&format!("{}.{:06}", total / 1_000_000, total % 1_000_000)),
-        "{report}"
-    );
-    let later = gw.cli(&["usage", "--tenant", "acme", "--since", "2999-01-01"]);
-    assert!(String::from_utf8(later.stdout)
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("TOTAL") && l.split_whitespace().nth(1) == Some("0")));
+    let usage = |from: &str, to: &str| -> serde_json::Value {
+        let out = gw.cli(&[
+            "usage", "--tenant", "acme", "--from", from, "--to", to, "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let report = usage("2020-01-01", "2999-12-31");
+    assert_eq!(report["totals"]["requests"], 4, "{report}");
+    assert_eq!(report["totals"]["cost_micros"], total, "{report}");
+    let later = usage("2999-01-01", "2999-01-02");
+    assert_eq!(later["totals"]["requests"], 0);
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! Postgres is expected at `TOLLGATE_TEST_POSTGRES` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`); `.ci/run` starts it when missing.
 
+mod admin;
 mod budgets;
 mod cli;
 mod errors;

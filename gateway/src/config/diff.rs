@@ -146,6 +146,16 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
                 .unwrap_or_default(),
         ),
         (
+            "admin.listen",
+            format!("{:?}", old.admin_listen),
+            format!("{:?}", new.admin_listen),
+        ),
+        (
+            "ledger.retention_months",
+            format!("{:?}", old.ledger_retention_months),
+            format!("{:?}", new.ledger_retention_months),
+        ),
+        (
             "max_body_bytes",
             old.max_body_bytes.to_string(),
             new.max_body_bytes.to_string(),

@@ -36,6 +36,9 @@ pub struct PolicyFile {
     pub ledger: LedgerSection,
     #[serde(default)]
     pub shutdown: ShutdownSection,
+    /// The admin API and dashboard, on their own port (never the data plane's).
+    #[serde(default)]
+    pub admin: AdminSection,
     #[serde(default)]
     pub backends: Vec<BackendSection>,
     #[serde(default)]
@@ -96,6 +99,41 @@ pub struct LedgerSection {
     /// Rows that cannot reach the database at shutdown are appended here and replayed on start.
     #[serde(default = "default_spool_path")]
     pub spool_path: String,
+    /// Postgres: keep this many whole months of raw ledger rows before the current one; older
+    /// monthly partitions are dropped (rollups are kept). Unset: keep everything.
+    #[serde(default)]
+    pub retention_months: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Serve the admin API and dashboard.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    /// Environment variable holding the admin bearer token. When it is unset, `serve` makes a
+    /// random token and prints it once.
+    #[serde(default = "default_admin_token_env")]
+    pub token_env: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            enabled: true,
+            listen: default_admin_listen(),
+            token_env: default_admin_token_env(),
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+fn default_admin_token_env() -> String {
+    "TOLLGATE_ADMIN_TOKEN".into()
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -324,6 +362,7 @@ impl Default for LedgerSection {
             flush_interval_ms: default_flush_interval_ms(),
             max_batch: default_max_batch(),
             spool_path: default_spool_path(),
+            retention_months: None,
         }
     }
 }

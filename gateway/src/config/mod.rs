@@ -84,6 +84,10 @@ pub struct Policy {
     pub ledger_flush_interval: Duration,
     pub ledger_max_batch: usize,
     pub ledger_spool_path: PathBuf,
+    pub ledger_retention_months: Option<u32>,
+    /// Where the admin API listens (`None`: disabled) and where its token comes from.
+    pub admin_listen: Option<SocketAddr>,
+    pub admin_token_env: String,
     pub grace_period: Duration,
     pub shutdown_timeout: Duration,
     pub backends: Vec<Arc<Backend>>,
@@ -438,6 +442,26 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
     if listen.is_empty() {
         errors.add("listen", "at least one listen address is required");
     }
+    let mut admin_listen = None;
+    if file.admin.enabled {
+        match file.admin.listen.parse::<SocketAddr>() {
+            Ok(a) if listen.contains(&a) => errors.add(
+                "admin.listen",
+                "the admin API needs its own address, not a data-plane one",
+            ),
+            Ok(a) => admin_listen = Some(a),
+            Err(_) => errors.add(
+                "admin.listen",
+                format!("`{}` is not an IP:port address", file.admin.listen),
+            ),
+        }
+    }
+    if file.ledger.retention_months == Some(0) {
+        errors.add(
+            "ledger.retention_months",
+            "must be at least 1 (the current month is always kept)",
+        );
+    }
     if !(file.database_url.starts_with("sqlite:")
         || file.database_url.starts_with("postgres://")
         || file.database_url.starts_with("postgresql://"))
@@ -791,6 +815,9 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
         ledger_flush_interval: Duration::from_millis(file.ledger.flush_interval_ms.max(1)),
         ledger_max_batch: file.ledger.max_batch,
         ledger_spool_path: PathBuf::from(file.ledger.spool_path),
+        ledger_retention_months: file.ledger.retention_months,
+        admin_listen,
+        admin_token_env: file.admin.token_env,
         grace_period: Duration::from_secs(file.shutdown.grace_period_secs),
         shutdown_timeout: Duration::from_secs(file.shutdown.timeout_secs),
         backends,

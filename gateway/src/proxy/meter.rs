@@ -42,6 +42,8 @@ pub struct Meter {
     /// A successful response (or part of one) reached the client: there is something to bill.
     pub served: bool,
     pub tags: Option<std::sync::Arc<str>>,
+    /// The tenant's time zone: the ledger row's day in the daily rollups.
+    pub time_zone: Option<tollgate_billing::budget::Tz>,
     pub routing: Option<RouteNote>,
     /// Set once by [`Meter::end`]: the ledger row and the budget settle share this instant.
     pub ended: Option<Duration>,
@@ -127,6 +129,7 @@ impl Meter {
             ttft_ms: self.first_byte.map(|d| d.as_millis() as i64),
             tags: self.tags.map(|t| t.to_string()),
             speculation: self.provider.and_then(|p| p.speculation),
+            time_zone: self.time_zone.map(|tz| tz.name().to_string()),
             routing: self.routing.map(|r| Routing {
                 premium_equivalent_micros: as_i64(r.premium_price.cost_micros(usage)),
                 route: r.route,

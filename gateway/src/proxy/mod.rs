@@ -190,6 +190,7 @@ impl Gateway {
             Err(error) => return send_error(session, &error, &request_id).await,
         };
         let policy = self.state.policy.load_full();
+        let tenant = policy.tenants.get(&key.tenant);
         let mut meter = Meter {
             request_id,
             started: Instant::now(),
@@ -213,10 +214,8 @@ impl Gateway {
             served: false,
             ended: None,
             routing: None,
-            tags: policy
-                .tenants
-                .get(&key.tenant)
-                .and_then(|t| t.tags_json.clone()),
+            tags: tenant.and_then(|t| t.tags_json.clone()),
+            time_zone: tenant.map(|t| t.time_zone),
         };
         let mut admission = None;
         if let Err(error) = self

@@ -8,6 +8,8 @@ use tollgate_billing::ledger::LedgerRow;
 use tollgate_billing::store::Store;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+/// The admin token every test gateway runs with.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 /// A free loopback port (bound then released; the gateway binds it right after).
 pub fn free_port() -> u16 {
@@ -22,6 +24,7 @@ pub struct Gateway {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub port: u16,
+    pub admin_port: u16,
     pub database_url: String,
     child: Option<Child>,
 }
@@ -43,13 +46,15 @@ impl Gateway {
     pub async fn start(policy: &str, database_url: Option<String>) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let admin_port = free_port();
         let database_url = database_url
             .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("ledger.db").display()));
         let config = dir.path().join("tollgate.yaml");
         let text = format!(
             "listen: [\"127.0.0.1:{port}\"]\ndatabase_url: {database_url}\nkey_refresh_ms: 100\nthreads: 2\n\
              shutdown: {{ grace_period_secs: 0, timeout_secs: 2 }}\n\
-             ledger: {{ flush_interval_ms: 50, spool_path: {} }}\n{policy}",
+             ledger: {{ flush_interval_ms: 50, spool_path: {} }}\n\
+             admin: {{ listen: \"127.0.0.1:{admin_port}\" }}\n{policy}",
             dir.path().join("spool.jsonl").display()
         );
         std::fs::write(&config, text).unwrap();
@@ -57,6 +62,7 @@ impl Gateway {
             dir,
             config,
             port,
+            admin_port,
             database_url,
             child: None,
         };
@@ -72,6 +78,7 @@ impl Gateway {
             .arg("serve")
             .current_dir(self.dir.path())
             .env("TOLLGATE_TEST_PROVIDER_KEY", "sk-provider-secret")
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -99,6 +106,39 @@ impl Gateway {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// GETs an admin API path with the admin token; returns status and JSON body.
+    pub async fn admin_get(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", self.admin_url()))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// POSTs JSON to an admin API path with the admin token.
+    pub async fn admin_post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.admin_url()))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
     /// POSTs a chat completion request authenticated with `key`.

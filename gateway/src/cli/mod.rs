@@ -1,13 +1,15 @@
 //! Subcommands. Each one loads the policy file named by `--config`.
 
+mod admin;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tollgate_billing::store::{Store, UsageTotals};
+use tollgate_billing::store::Store;
 
 use crate::config::Policy;
-use crate::keys;
+use admin::KeysCommand;
 
 #[derive(Parser)]
 #[command(
@@ -49,14 +51,8 @@ enum Command {
         #[command(subcommand)]
         command: RouterCommand,
     },
-    /// Totals from the usage ledger.
-    Usage {
-        #[arg(long)]
-        tenant: String,
-        /// `YYYY-MM-DD` (UTC midnight) or an RFC 3339 time.
-        #[arg(long)]
-        since: Option<String>,
-    },
+    #[command(flatten)]
+    Admin(admin::AdminCommand),
 }
 
 #[derive(Subcommand)]
@@ -95,24 +91,6 @@ enum RouterCommand {
     Eval {
         #[arg(long)]
         data: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum KeysCommand {
-    /// Create a key; its secret is printed once and stored only as a hash.
-    Create {
-        #[arg(long)]
-        tenant: String,
-        #[arg(long)]
-        name: Option<String>,
-    },
-    /// Revoke a key by id; running gateways stop accepting it within `key_refresh_ms`.
-    Revoke { id: String },
-    /// List keys (never their secrets).
-    List {
-        #[arg(long)]
-        tenant: Option<String>,
     },
 }
 
@@ -233,138 +211,14 @@ async fn other(config: &Path, command: Command) -> anyhow::Result<ExitCode> {
             println!("migrations applied to {}", redact_url(&policy.database_url));
             ExitCode::SUCCESS
         }
-        Command::Keys {
-            command: KeysCommand::Create { tenant, name },
-        } => {
-            if !policy.tenants.contains_key(&tenant) {
-                eprintln!("error: tenant `{tenant}` is not in {}", config.display());
-                return Ok(ExitCode::from(2));
-            }
-            let (record, secret) = keys::create_key(&store, &tenant, name.as_deref()).await?;
-            eprintln!(
-                "created key {} for tenant `{tenant}`; the secret below is shown only once:",
-                record.id
-            );
-            println!("{secret}");
-            ExitCode::SUCCESS
-        }
-        Command::Keys {
-            command: KeysCommand::Revoke { id },
-        } => {
-            if store.revoke_key(&id).await? {
-                println!("revoked {id}");
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("error: no active key with id {id}");
-                ExitCode::FAILURE
-            }
-        }
-        Command::Keys {
-            command: KeysCommand::List { tenant },
-        } => {
-            println!(
-                "{:<22} {:<16} {:<16} {:<12} {:<20} status",
-                "id", "tenant", "name", "prefix", "created (UTC)"
-            );
-            for key in store.keys_changed_since(0).await? {
-                if tenant.as_ref().is_some_and(|t| t != &key.tenant) {
-                    continue;
-                }
-                let created = chrono::DateTime::from_timestamp_millis(key.created_ms)
-                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-                    .unwrap_or_default();
-                let status = if key.revoked_ms.is_some() {
-                    "revoked"
-                } else {
-                    "active"
-                };
-                let name = key.name.as_deref().unwrap_or("-");
-                println!(
-                    "{:<22} {:<16} {:<16} {:<12} {created:<20} {status}",
-                    key.id,
-                    key.tenant,
-                    name,
-                    format!("{}…", key.prefix)
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Command::Usage { tenant, since } => {
-            let since_ms = match since.as_deref().map(parse_since).transpose() {
-                Ok(since) => since.unwrap_or(0),
-                Err(message) => {
-                    eprintln!("error: --since: {message}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
-            print_usage(&store, &tenant, since_ms).await?;
-            ExitCode::SUCCESS
-        }
+        Command::Keys { command } => admin::keys(&policy, &store, command).await?,
+        Command::Admin(command) => admin::run(&policy, &store, command).await?,
         Command::Serve | Command::Config { .. } | Command::Router { .. } => {
             unreachable!("handled in run()")
         }
     };
     store.close().await;
     Ok(code)
-}
-
-async fn print_usage(store: &Store, tenant: &str, since_ms: i64) -> anyhow::Result<()> {
-    let rows = store.usage_by_model(tenant, since_ms).await?;
-    println!(
-        "{:<28} {:>9} {:>14} {:>12} {:>14} {:>14}",
-        "model", "requests", "prompt_tokens", "cached", "completion", "cost_usd"
-    );
-    let print = |row: &UsageTotals| {
-        println!(
-            "{:<28} {:>9} {:>14} {:>12} {:>14} {:>14}",
-            if row.model.is_empty() {
-                "(rejected before model)"
-            } else {
-                &row.model
-            },
-            row.requests,
-            row.prompt_tokens,
-            row.cached_tokens,
-            row.completion_tokens,
-            format_usd(row.cost_micros)
-        )
-    };
-    let mut total = UsageTotals {
-        model: "TOTAL".into(),
-        ..Default::default()
-    };
-    for row in &rows {
-        print(row);
-        total.requests += row.requests;
-        total.prompt_tokens += row.prompt_tokens;
-        total.cached_tokens += row.cached_tokens;
-        total.completion_tokens += row.completion_tokens;
-        total.cost_micros += row.cost_micros;
-    }
-    print(&total);
-    Ok(())
-}
-
-fn format_usd(micros: i64) -> String {
-    format!(
-        "{}{}.{:06}",
-        if micros < 0 { "-" } else { "" },
-        micros.abs() / 1_000_000,
-        micros.abs() % 1_000_000
-    )
-}
-
-fn parse_since(text: &str) -> Result<i64, String> {
-    if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        return Ok(date
-            .and_hms_opt(0, 0, 0)
-            .expect("midnight exists")
-            .and_utc()
-            .timestamp_millis());
-    }
-    chrono::DateTime::parse_from_rfc3339(text)
-        .map(|t| t.timestamp_millis())
-        .map_err(|_| format!("`{text}` is neither YYYY-MM-DD nor an RFC 3339 time"))
 }
 
 /// A database URL without its password, for messages.
@@ -382,11 +236,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn formats_and_parses() {
-        assert_eq!(format_usd(1_234_567), "1.234567");
-        assert_eq!(format_usd(5), "0.000005");
-        assert_eq!(parse_since("2026-01-02"), Ok(1_767_312_000_000));
-        assert!(parse_since("yesterday").is_err());
+    fn redacts_passwords() {
         assert_eq!(
             redact_url("postgres://u:secret@host/db"),
             "postgres://…@host/db"

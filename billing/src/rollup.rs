@@ -1,0 +1,254 @@
+//! Hourly and daily sums of the ledger, which reports read instead of the raw rows.
+//!
+//! The ledger writer adds each batch's sums to the rollup tables in the same transaction as
+//! the rows themselves, and only for rows that were new, so a rollup can never disagree with
+//! the ledger (a retried batch adds nothing twice). Hours are UTC hours; days are the tenant's
+//! calendar days in its time zone at the time of the request. A routed request counts under the
+//! model that served it (the route's choice), which is the model its price came from.
+
+use std::collections::BTreeMap;
+
+use chrono::TimeZone;
+use serde::Serialize;
+
+use crate::ledger::LedgerRow;
+
+pub const HOURLY: &str = "usage_hourly";
+pub const DAILY: &str = "usage_daily";
+
+/// The summed columns of both rollup tables, in [`Sums::values`] order.
+pub const SUM_COLUMNS: [&str; 6] = [
+    "requests",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "cost_micros",
+    "premium_equivalent_micros",
+];
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// One rollup cell: a time bucket and the dimensions reports group by. Missing dimensions are
+/// empty strings so that they can be part of the table's key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CellKey {
+    /// `hour_ms` (UTC hour start, epoch ms) or `day` (`YYYYMMDD` in the tenant's time zone).
+    pub bucket: i64,
+    pub tenant: String,
+    pub key_id: String,
+    pub model: String,
+    pub backend: String,
+    pub tier: String,
+    pub tags: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Sums {
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub cached_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_micros: i64,
+    /// What routed requests would have cost on their route's premium model (0 when not routed).
+    pub premium_equivalent_micros: i64,
+}
+
+impl Sums {
+    pub fn of(row: &LedgerRow) -> Sums {
+        Sums {
+            requests: 1,
+            prompt_tokens: row.prompt_tokens,
+            cached_tokens: row.cached_tokens,
+            completion_tokens: row.completion_tokens,
+            cost_micros: row.cost_micros,
+            premium_equivalent_micros: row
+                .routing
+                .as_ref()
+                .map_or(0, |r| r.premium_equivalent_micros),
+        }
+    }
+
+    pub fn values(&self) -> [i64; 6] {
+        [
+            self.requests,
+            self.prompt_tokens,
+            self.cached_tokens,
+            self.completion_tokens,
+            self.cost_micros,
+            self.premium_equivalent_micros,
+        ]
+    }
+
+    pub fn from_values(v: [i64; 6]) -> Sums {
+        Sums {
+            requests: v[0],
+            prompt_tokens: v[1],
+            cached_tokens: v[2],
+            completion_tokens: v[3],
+            cost_micros: v[4],
+            premium_equivalent_micros: v[5],
+        }
+    }
+
+    pub fn add(&mut self, other: &Sums) {
+        let mut values = self.values();
+        for (v, o) in values.iter_mut().zip(other.values()) {
+            *v += o;
+        }
+        *self = Sums::from_values(values);
+    }
+}
+
+/// The rollup cells of a set of ledger rows. Cells are kept sorted so that every writer updates
+/// them in the same order: concurrent replicas wait on each other instead of deadlocking.
+#[derive(Debug, Default)]
+pub struct Rollup {
+    hourly: BTreeMap<CellKey, Sums>,
+    daily: BTreeMap<CellKey, Sums>,
+}
+
+impl Rollup {
+    pub fn of<'a>(rows: impl Iterator<Item = &'a LedgerRow>) -> Rollup {
+        let mut rollup = Rollup::default();
+        for row in rows {
+            let sums = Sums::of(row);
+            let mut key = CellKey {
+                bucket: row.created_ms.div_euclid(HOUR_MS) * HOUR_MS,
+                tenant: row.tenant.clone(),
+                key_id: row.key_id.clone(),
+                // The model that served: a route's chosen model, not the route's public name.
+                model: row
+                    .routing
+                    .as_ref()
+                    .map_or_else(|| row.model.clone(), |r| r.routed_model.clone()),
+                backend: row.backend.clone().unwrap_or_default(),
+                tier: row
+                    .routing
+                    .as_ref()
+                    .map(|r| r.tier.clone())
+                    .unwrap_or_default(),
+                tags: row.tags.clone().unwrap_or_default(),
+            };
+            rollup.hourly.entry(key.clone()).or_default().add(&sums);
+            key.bucket = local_day(row.created_ms, row.time_zone.as_deref());
+            rollup.daily.entry(key).or_default().add(&sums);
+        }
+        rollup
+    }
+
+    /// Each table with its cells, in key order.
+    pub fn tables(&self) -> [(&'static str, Vec<(&CellKey, &Sums)>); 2] {
+        [
+            (HOURLY, self.hourly.iter().collect()),
+            (DAILY, self.daily.iter().collect()),
+        ]
+    }
+}
+
+/// The time-bucket column of a rollup table.
+pub fn bucket_column(table: &str) -> &'static str {
+    if table == HOURLY {
+        "hour_ms"
+    } else {
+        "day"
+    }
+}
+
+/// `ON CONFLICT` clause that adds a cell's sums to an existing cell.
+pub fn upsert_clause(table: &str) -> String {
+    let adds: Vec<String> = SUM_COLUMNS
+        .iter()
+        .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
+        .collect();
+    format!(
+        " ON CONFLICT ({}, tenant, key_id, model, backend, tier, tags) DO UPDATE SET {}",
+        bucket_column(table),
+        adds.join(", ")
+    )
+}
+
+/// The calendar day (`YYYYMMDD`) of an instant in a time zone; UTC when the zone is missing or
+/// unknown (rows written before zones were recorded).
+pub fn local_day(created_ms: i64, time_zone: Option<&str>) -> i64 {
+    let tz: chrono_tz::Tz = time_zone
+        .and_then(|name| name.parse().ok())
+        .unwrap_or(chrono_tz::UTC);
+    let date = tz
+        .timestamp_millis_opt(created_ms)
+        .single()
+        .map(|t| t.date_naive())
+        .unwrap_or_default();
+    day_number(date)
+}
+
+/// `YYYYMMDD` as a number: ordered like the dates, readable in SQL.
+pub fn day_number(date: chrono::NaiveDate) -> i64 {
+    use chrono::Datelike;
+    i64::from(date.year()) * 10_000 + i64::from(date.month()) * 100 + i64::from(date.day())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, created_ms: i64, tz: Option<&str>, cost: i64) -> LedgerRow {
+        LedgerRow {
+            request_id: id.into(),
+            created_ms,
+            tenant: "acme".into(),
+            key_id: "k".into(),
+            endpoint: "chat.completions".into(),
+            model: "m".into(),
+            backend: Some("b".into()),
+            upstream_model: None,
+            stream: false,
+            status: 200,
+            outcome: "ok".into(),
+            attempts: 1,
+            prompt_tokens: 10,
+            cached_tokens: 0,
+            completion_tokens: 5,
+            counted_prompt_tokens: 10,
+            counted_completion_tokens: 5,
+            provider_prompt_tokens: None,
+            provider_cached_tokens: None,
+            provider_completion_tokens: None,
+            usage_source: "gateway".into(),
+            cost_micros: cost,
+            latency_ms: 1,
+            ttft_ms: None,
+            tags: None,
+            routing: None,
+            speculation: None,
+            time_zone: tz.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn days_follow_the_tenant_time_zone() {
+        // 2026-11-27 23:30 UTC is already the 28th in Paris and still the 27th in New York.
+        let t = 1_795_822_200_000;
+        assert_eq!(local_day(t, None), 20261127);
+        assert_eq!(local_day(t, Some("Europe/Paris")), 20261128);
+        assert_eq!(local_day(t, Some("America/New_York")), 20261127);
+        assert_eq!(local_day(t, Some("Not/AZone")), 20261127);
+    }
+
+    #[test]
+    fn sums_cells() {
+        let rows = [
+            row("a", 1_795_822_200_000, Some("Europe/Paris"), 100),
+            row("b", 1_795_822_300_000, Some("Europe/Paris"), 50),
+            row("c", 1_795_825_800_000, Some("Europe/Paris"), 7),
+        ];
+        let rollup = Rollup::of(rows.iter());
+        let [(_, hourly), (_, daily)] = rollup.tables();
+        assert_eq!(hourly.len(), 2, "two UTC hours");
+        assert_eq!(hourly[0].1.cost_micros, 150);
+        assert_eq!(hourly[0].1.requests, 2);
+        assert_eq!(daily.len(), 1, "one Paris day");
+        assert_eq!(daily[0].0.bucket, 20261128);
+        assert_eq!(daily[0].1.cost_micros, 157);
+        assert_eq!(daily[0].1.prompt_tokens, 30);
+    }
+}

@@ -1,0 +1,220 @@
+//! What the admin API writes: key rotation and idempotent creation, and the audit log.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{key_from_pg, key_from_sqlite, now_ms, sqlite_sql, KeyRecord, Pool, Store, KEY_SELECT};
+
+/// One admin API call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at_ms: i64,
+    /// Who: the admin token's fingerprint (never the token), or `anonymous`.
+    pub actor: String,
+    pub remote: Option<String>,
+    pub method: String,
+    pub path: String,
+    /// The route, e.g. `POST /admin/keys/{id}/rotate`.
+    pub action: String,
+    /// The object acted on (a key id), when there is one.
+    pub target: Option<String>,
+    pub status: i32,
+    pub detail: Option<String>,
+}
+
+/// How a rotation request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    Rotated(KeyRecord),
+    /// The same idempotency key rotated this key already: nothing changed.
+    Replayed(KeyRecord),
+    NotFound,
+    Revoked,
+}
+
+impl Store {
+    pub async fn key(&self, id: &str) -> anyhow::Result<Option<KeyRecord>> {
+        self.key_where("id", id).await
+    }
+
+    pub async fn key_by_idempotency(
+        &self,
+        idempotency_key: &str,
+    ) -> anyhow::Result<Option<KeyRecord>> {
+        self.key_where("idempotency_key", idempotency_key).await
+    }
+
+    async fn key_where(&self, column: &str, value: &str) -> anyhow::Result<Option<KeyRecord>> {
+        let sql = format!("{KEY_SELECT} WHERE {column} = $1");
+        Ok(match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query(&sqlite_sql(&sql))
+                .bind(value)
+                .fetch_optional(pool)
+                .await?
+                .map(|row| key_from_sqlite(&row))
+                .transpose()?,
+            Pool::Postgres(pool) => sqlx::query(&sql)
+                .bind(value)
+                .fetch_optional(pool)
+                .await?
+                .map(|row| key_from_pg(&row))
+                .transpose()?,
+        })
+    }
+
+    /// Gives the key a new secret. The old one keeps working until `previous_expires_ms`; a
+    /// secret replaced by an earlier rotation stops at once. With an idempotency key, a retry
+    /// of the same rotation changes nothing.
+    pub async fn rotate_key(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        prefix: &str,
+        previous_expires_ms: i64,
+        rotation_key: Option<&str>,
+    ) -> anyhow::Result<Rotation> {
+        let now = now_ms();
+        let sql = "UPDATE api_keys SET previous_secret_hash = secret_hash, previous_expires_ms = $1, \
+                   secret_hash = $2, prefix = $3, rotated_ms = $4, updated_ms = $4, rotation_key = $5 \
+                   WHERE id = $6 AND revoked_ms IS NULL \
+                   AND (CAST($5 AS TEXT) IS NULL OR rotation_key IS NULL OR rotation_key <> CAST($5 AS TEXT))";
+        let affected = execute!(
+            self,
+            sql,
+            previous_expires_ms,
+            secret_hash,
+            prefix,
+            now,
+            rotation_key,
+            id
+        )?;
+        let Some(key) = self.key(id).await? else {
+            return Ok(Rotation::NotFound);
+        };
+        Ok(if affected > 0 {
+            Rotation::Rotated(key)
+        } else if key.revoked_ms.is_some() {
+            Rotation::Revoked
+        } else {
+            Rotation::Replayed(key)
+        })
+    }
+
+    pub async fn audit(&self, entry: &AuditEntry) -> anyhow::Result<()> {
+        let sql = "INSERT INTO audit_log (at_ms, actor, remote, method, path, action, target, status, detail) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+        execute!(
+            self,
+            sql,
+            entry.at_ms,
+            &entry.actor,
+            &entry.remote,
+            &entry.method,
+            &entry.path,
+            &entry.action,
+            &entry.target,
+            entry.status,
+            &entry.detail
+        )?;
+        Ok(())
+    }
+
+    /// The newest audit entries first, at most `limit`, older than `before_id` when given.
+    pub async fn audit_log(
+        &self,
+        limit: i64,
+        before_id: Option<i64>,
+    ) -> anyhow::Result<Vec<AuditEntry>> {
+        let sql = "SELECT id, at_ms, actor, remote, method, path, action, target, status, detail \
+                   FROM audit_log WHERE id < $1 ORDER BY id DESC LIMIT $2";
+        let before = before_id.unwrap_or(i64::MAX);
+        macro_rules! entries {
+            ($rows:expr) => {
+                $rows
+                    .iter()
+                    .map(|row| -> Result<AuditEntry, sqlx::Error> {
+                        Ok(AuditEntry {
+                            id: row.try_get("id")?,
+                            at_ms: row.try_get("at_ms")?,
+                            actor: row.try_get("actor")?,
+                            remote: row.try_get("remote")?,
+                            method: row.try_get("method")?,
+                            path: row.try_get("path")?,
+                            action: row.try_get("action")?,
+                            target: row.try_get("target")?,
+                            status: row.try_get("status")?,
+                            detail: row.try_get("detail")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+        }
+        Ok(match &self.pool {
+            Pool::Sqlite(pool) => entries!(
+                sqlx::query(&sqlite_sql(sql))
+                    .bind(before)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?
+            ),
+            Pool::Postgres(pool) => entries!(
+                sqlx::query(sql)
+                    .bind(before)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?
+            ),
+        })
+    }
+
+    /// Postgres: makes sure the ledger has partitions for this month and the next two, and drops
+    /// the monthly partitions that ended more than `retain_months` months before this month
+    /// (whole partitions: never a mass DELETE). Returns the partitions dropped. SQLite keeps
+    /// one table and nothing happens.
+    pub async fn maintain_partitions(
+        &self,
+        retain_months: Option<u32>,
+    ) -> anyhow::Result<Vec<String>> {
+        let Pool::Postgres(pool) = &self.pool else {
+            return Ok(Vec::new());
+        };
+        let mut tx = pool.begin().await?;
+        // One replica at a time: concurrent CREATEs of the same partition would fail.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tollgate.ledger_partitions'))")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "SELECT tollgate_ledger_partition((date_trunc('month', now() AT TIME ZONE 'UTC') + m * interval '1 month')::date) \
+             FROM generate_series(0, 2) AS m",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let mut dropped = Vec::new();
+        if let Some(months) = retain_months {
+            let cutoff: String = sqlx::query_scalar(
+                "SELECT to_char(date_trunc('month', now() AT TIME ZONE 'UTC') - $1 * interval '1 month', 'YYYY_MM')",
+            )
+            .bind(i32::try_from(months).unwrap_or(i32::MAX))
+            .fetch_one(&mut *tx)
+            .await?;
+            let names: Vec<String> = sqlx::query_scalar(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                 WHERE i.inhparent = 'ledger'::regclass AND c.relname ~ '^ledger_[0-9]{4}_[0-9]{2}$' ORDER BY 1",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            for name in names {
+                // `ledger_YYYY_MM` sorts like its month.
+                if name["ledger_".len()..] < *cutoff {
+                    sqlx::query(&format!("DROP TABLE \"{name}\""))
+                        .execute(&mut *tx)
+                        .await?;
+                    dropped.push(name);
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(dropped)
+    }
+}

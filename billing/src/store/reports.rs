@@ -1,0 +1,155 @@
+//! Usage reports, answered from the rollup tables (never the raw ledger).
+
+use sqlx::Row;
+
+use super::{sqlite_sql, Pool, Store};
+use crate::report::{day_text, Dimension, UsageQuery, UsageReport, UsageRow};
+use crate::rollup::{day_number, Sums, DAILY, HOURLY, SUM_COLUMNS};
+
+enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+/// The SQL of a usage query and its parameters (Postgres placeholders).
+fn usage_sql(query: &UsageQuery, with_tags: bool, postgres: bool) -> (String, Vec<Bind>) {
+    let mut binds = Vec::new();
+    let mut param = |bind: Bind| {
+        binds.push(bind);
+        format!("${}", binds.len())
+    };
+    let mut columns = Vec::new();
+    for (i, dimension) in query.group_by.iter().enumerate() {
+        let expr = match dimension {
+            Dimension::Tenant => "tenant".to_string(),
+            Dimension::Key => "key_id".to_string(),
+            Dimension::Model => "NULLIF(model, '')".to_string(),
+            Dimension::Backend => "NULLIF(backend, '')".to_string(),
+            Dimension::Tier => "NULLIF(tier, '')".to_string(),
+            Dimension::Day => "CAST(day AS TEXT)".to_string(),
+            Dimension::Hour => "CAST(hour_ms AS TEXT)".to_string(),
+            Dimension::Tag(tag) if postgres => format!(
+                "(CAST(NULLIF(tags, '') AS jsonb) ->> {})",
+                param(Bind::Text(tag.clone()))
+            ),
+            Dimension::Tag(tag) => format!(
+                "CAST(json_extract(NULLIF(tags, ''), {}) AS TEXT)",
+                param(Bind::Text(format!("$.\"{tag}\"")))
+            ),
+        };
+        columns.push(format!("{expr} AS g{i}"));
+    }
+    for column in SUM_COLUMNS {
+        columns.push(format!(
+            "CAST(COALESCE(SUM({column}), 0) AS BIGINT) AS {column}"
+        ));
+    }
+    if with_tags {
+        columns.push("MAX(tags) AS tags".into());
+    }
+    let (table, range) = if query.hourly() {
+        let (start, end) = query.hour_range();
+        let range = format!(
+            "hour_ms >= {} AND hour_ms < {}",
+            param(Bind::Int(start)),
+            param(Bind::Int(end))
+        );
+        (HOURLY, range)
+    } else {
+        let range = format!(
+            "day >= {} AND day <= {}",
+            param(Bind::Int(day_number(query.from))),
+            param(Bind::Int(day_number(query.to)))
+        );
+        (DAILY, range)
+    };
+    let mut filters = vec![range];
+    for (column, value) in [
+        ("tenant", &query.tenant),
+        ("key_id", &query.key),
+        ("model", &query.model),
+    ] {
+        if let Some(value) = value {
+            filters.push(format!("{column} = {}", param(Bind::Text(value.clone()))));
+        }
+    }
+    let mut sql = format!(
+        "SELECT {} FROM {table} WHERE {}",
+        columns.join(", "),
+        filters.join(" AND ")
+    );
+    if !query.group_by.is_empty() {
+        let groups: Vec<String> = (0..query.group_by.len()).map(|i| format!("g{i}")).collect();
+        sql.push_str(&format!(" GROUP BY {}", groups.join(", ")));
+    }
+    (sql, binds)
+}
+
+/// Stored bucket values as reports show them: days `YYYY-MM-DD`, hours `YYYY-MM-DDTHH:00Z`.
+fn present(dimension: &Dimension, value: Option<String>) -> Option<String> {
+    let value = value?;
+    Some(match dimension {
+        Dimension::Day => value.parse().map_or(value, day_text),
+        Dimension::Hour => value
+            .parse()
+            .ok()
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map_or(value, |t| t.format("%Y-%m-%dT%H:00Z").to_string()),
+        _ => value,
+    })
+}
+
+impl Store {
+    /// Answers a usage query from the rollups. `with_tags` adds the groups' tenant tags.
+    pub async fn usage(&self, query: &UsageQuery, with_tags: bool) -> anyhow::Result<UsageReport> {
+        query.validate().map_err(anyhow::Error::msg)?;
+        let postgres = matches!(self.pool, Pool::Postgres(_));
+        let (sql, binds) = usage_sql(query, with_tags, postgres);
+        macro_rules! fetch {
+            ($pool:expr, $sql:expr) => {{
+                let mut q = sqlx::query($sql);
+                for bind in binds {
+                    q = match bind {
+                        Bind::Int(v) => q.bind(v),
+                        Bind::Text(v) => q.bind(v),
+                    };
+                }
+                let mut out = Vec::new();
+                for row in q.fetch_all($pool).await? {
+                    let mut group = Vec::with_capacity(query.group_by.len());
+                    for (i, dimension) in query.group_by.iter().enumerate() {
+                        let value: Option<String> = row.try_get(format!("g{i}").as_str())?;
+                        group.push(present(dimension, value));
+                    }
+                    let mut values = [0i64; 6];
+                    for (value, column) in values.iter_mut().zip(SUM_COLUMNS) {
+                        *value = row.try_get(column)?;
+                    }
+                    let tags = if with_tags {
+                        row.try_get("tags")?
+                    } else {
+                        None
+                    };
+                    out.push(UsageRow {
+                        group,
+                        sums: Sums::from_values(values),
+                        tags,
+                    });
+                }
+                out
+            }};
+        }
+        let mut rows = match &self.pool {
+            Pool::Sqlite(pool) => {
+                let sql = sqlite_sql(&sql);
+                fetch!(pool, &sql)
+            }
+            Pool::Postgres(pool) => fetch!(pool, &sql),
+        };
+        if query.group_by.is_empty() {
+            rows.retain(|r| r.sums.requests > 0);
+        }
+        rows.sort_by(|a, b| a.group.cmp(&b.group));
+        Ok(UsageReport::new(query.group_by.clone(), rows))
+    }
+}
