@@ -13,8 +13,55 @@ use serde::Serialize;
 
 use crate::ledger::LedgerRow;
 
-pub const HOURLY: &str = "usage_hourly";
-pub const DAILY: &str = "usage_daily";
+/// A rollup table: its name, time bucket, and whether it keeps the key and backend dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table {
+    pub name: &'static str,
+    pub bucket: &'static str,
+    pub by_key_and_backend: bool,
+}
+
+pub const HOURLY: Table = Table {
+    name: "usage_hourly",
+    bucket: "hour_ms",
+    by_key_and_backend: true,
+};
+pub const DAILY: Table = Table {
+    name: "usage_daily",
+    bucket: "day",
+    by_key_and_backend: true,
+};
+/// Days by tenant, model and tier only: far fewer cells, for the common reports.
+pub const DAILY_BY_MODEL: Table = Table {
+    name: "usage_daily_model",
+    bucket: "day",
+    by_key_and_backend: false,
+};
+
+impl Table {
+    /// The key columns after the bucket.
+    pub fn dimension_columns(&self) -> &'static str {
+        if self.by_key_and_backend {
+            "tenant, key_id, model, backend, tier, tags"
+        } else {
+            "tenant, model, tier, tags"
+        }
+    }
+
+    /// `ON CONFLICT` clause that adds a cell's sums to an existing cell.
+    pub fn upsert_clause(&self) -> String {
+        let adds: Vec<String> = SUM_COLUMNS
+            .iter()
+            .map(|c| format!("{c} = {}.{c} + excluded.{c}", self.name))
+            .collect();
+        format!(
+            " ON CONFLICT ({}, {}) DO UPDATE SET {}",
+            self.bucket,
+            self.dimension_columns(),
+            adds.join(", ")
+        )
+    }
+}
 
 /// The summed columns of both rollup tables, in [`Sums::values`] order.
 pub const SUM_COLUMNS: [&str; 6] = [
@@ -105,6 +152,7 @@ impl Sums {
 pub struct Rollup {
     hourly: BTreeMap<CellKey, Sums>,
     daily: BTreeMap<CellKey, Sums>,
+    daily_by_model: BTreeMap<CellKey, Sums>,
 }
 
 impl Rollup {
@@ -131,40 +179,22 @@ impl Rollup {
             };
             rollup.hourly.entry(key.clone()).or_default().add(&sums);
             key.bucket = local_day(row.created_ms, row.time_zone.as_deref());
-            rollup.daily.entry(key).or_default().add(&sums);
+            rollup.daily.entry(key.clone()).or_default().add(&sums);
+            key.key_id.clear();
+            key.backend.clear();
+            rollup.daily_by_model.entry(key).or_default().add(&sums);
         }
         rollup
     }
 
     /// Each table with its cells, in key order.
-    pub fn tables(&self) -> [(&'static str, Vec<(&CellKey, &Sums)>); 2] {
+    pub fn tables(&self) -> [(Table, Vec<(&CellKey, &Sums)>); 3] {
         [
             (HOURLY, self.hourly.iter().collect()),
             (DAILY, self.daily.iter().collect()),
+            (DAILY_BY_MODEL, self.daily_by_model.iter().collect()),
         ]
     }
-}
-
-/// The time-bucket column of a rollup table.
-pub fn bucket_column(table: &str) -> &'static str {
-    if table == HOURLY {
-        "hour_ms"
-    } else {
-        "day"
-    }
-}
-
-/// `ON CONFLICT` clause that adds a cell's sums to an existing cell.
-pub fn upsert_clause(table: &str) -> String {
-    let adds: Vec<String> = SUM_COLUMNS
-        .iter()
-        .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
-        .collect();
-    format!(
-        " ON CONFLICT ({}, tenant, key_id, model, backend, tier, tags) DO UPDATE SET {}",
-        bucket_column(table),
-        adds.join(", ")
-    )
 }
 
 /// The calendar day (`YYYYMMDD`) of an instant in a time zone; UTC when the zone is missing or
@@ -242,7 +272,7 @@ mod tests {
             row("c", 1_795_825_800_000, Some("Europe/Paris"), 7),
         ];
         let rollup = Rollup::of(rows.iter());
-        let [(_, hourly), (_, daily)] = rollup.tables();
+        let [(_, hourly), (_, daily), (_, by_model)] = rollup.tables();
         assert_eq!(hourly.len(), 2, "two UTC hours");
         assert_eq!(hourly[0].1.cost_micros, 150);
         assert_eq!(hourly[0].1.requests, 2);
@@ -250,5 +280,8 @@ mod tests {
         assert_eq!(daily[0].0.bucket, 20261128);
         assert_eq!(daily[0].1.cost_micros, 157);
         assert_eq!(daily[0].1.prompt_tokens, 30);
+        assert_eq!(by_model.len(), 1);
+        assert_eq!(by_model[0].0.key_id, "");
+        assert_eq!(by_model[0].1, daily[0].1);
     }
 }

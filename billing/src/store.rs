@@ -65,6 +65,8 @@ macro_rules! execute {
     };
 }
 
+/// Ledger rows per statement (35 parameters each; Postgres allows 65,535 per statement).
+const LEDGER_CHUNK: usize = 1000;
 /// Rollup cells per statement (14 parameters each: well inside SQLite's and Postgres' limits).
 const ROLLUP_CHUNK: usize = 1000;
 
@@ -320,40 +322,43 @@ impl Store {
         macro_rules! insert {
             ($pool:expr, $db:ty) => {{
                 let mut tx = $pool.begin().await?;
-                let mut builder = sqlx::QueryBuilder::<$db>::new(LEDGER_INSERT);
-                builder.push_values(rows, |mut b, r| {
-                    push_ledger_values!(b, r);
-                });
-                builder.push(LEDGER_CONFLICT);
-                let inserted: std::collections::HashSet<String> = builder
-                    .build()
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .iter()
-                    .map(|row| row.try_get("request_id"))
-                    .collect::<Result<_, _>>()?;
+                let mut inserted = std::collections::HashSet::<String>::new();
+                for chunk in rows.chunks(LEDGER_CHUNK) {
+                    let mut builder = sqlx::QueryBuilder::<$db>::new(LEDGER_INSERT);
+                    builder.push_values(chunk, |mut b, r| {
+                        push_ledger_values!(b, r);
+                    });
+                    builder.push(LEDGER_CONFLICT);
+                    for row in builder.build().fetch_all(&mut *tx).await? {
+                        inserted.insert(row.try_get("request_id")?);
+                    }
+                }
                 let new_rows = rows.iter().filter(|r| inserted.contains(&r.request_id));
                 let rollup = crate::rollup::Rollup::of(new_rows);
                 for (table, cells) in rollup.tables() {
                     for chunk in cells.chunks(ROLLUP_CHUNK) {
                         let mut builder = sqlx::QueryBuilder::<$db>::new(format!(
-                            "INSERT INTO {table} ({}, tenant, key_id, model, backend, tier, tags, {}) ",
-                            crate::rollup::bucket_column(table),
+                            "INSERT INTO {} ({}, {}, {}) ",
+                            table.name,
+                            table.bucket,
+                            table.dimension_columns(),
                             crate::rollup::SUM_COLUMNS.join(", ")
                         ));
                         builder.push_values(chunk, |mut b, (key, sums)| {
-                            b.push_bind(key.bucket)
-                                .push_bind(&key.tenant)
-                                .push_bind(&key.key_id)
-                                .push_bind(&key.model)
-                                .push_bind(&key.backend)
-                                .push_bind(&key.tier)
-                                .push_bind(&key.tags);
+                            b.push_bind(key.bucket).push_bind(&key.tenant);
+                            if table.by_key_and_backend {
+                                b.push_bind(&key.key_id);
+                            }
+                            b.push_bind(&key.model);
+                            if table.by_key_and_backend {
+                                b.push_bind(&key.backend);
+                            }
+                            b.push_bind(&key.tier).push_bind(&key.tags);
                             for value in sums.values() {
                                 b.push_bind(value);
                             }
                         });
-                        builder.push(crate::rollup::upsert_clause(table));
+                        builder.push(table.upsert_clause());
                         builder.build().execute(&mut *tx).await?;
                     }
                 }

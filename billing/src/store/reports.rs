@@ -4,7 +4,7 @@ use sqlx::Row;
 
 use super::{sqlite_sql, Pool, Store};
 use crate::report::{day_text, Dimension, UsageQuery, UsageReport, UsageRow};
-use crate::rollup::{day_number, Sums, DAILY, HOURLY, SUM_COLUMNS};
+use crate::rollup::{day_number, Sums, Table, DAILY, DAILY_BY_MODEL, HOURLY, SUM_COLUMNS};
 
 enum Bind {
     Int(i64),
@@ -47,7 +47,7 @@ fn usage_sql(query: &UsageQuery, with_tags: bool, postgres: bool) -> (String, Ve
     if with_tags {
         columns.push("MAX(tags) AS tags".into());
     }
-    let (table, range) = if query.hourly() {
+    let (table, range): (Table, String) = if query.hourly() {
         let (start, end) = query.hour_range();
         let range = format!(
             "hour_ms >= {} AND hour_ms < {}",
@@ -61,7 +61,13 @@ fn usage_sql(query: &UsageQuery, with_tags: bool, postgres: bool) -> (String, Ve
             param(Bind::Int(day_number(query.from))),
             param(Bind::Int(day_number(query.to)))
         );
-        (DAILY, range)
+        // The smaller table answers whatever needs neither key nor backend.
+        let narrow = query.key.is_none()
+            && !query
+                .group_by
+                .iter()
+                .any(|d| matches!(d, Dimension::Key | Dimension::Backend));
+        (if narrow { DAILY_BY_MODEL } else { DAILY }, range)
     };
     let mut filters = vec![range];
     for (column, value) in [
@@ -74,8 +80,9 @@ fn usage_sql(query: &UsageQuery, with_tags: bool, postgres: bool) -> (String, Ve
         }
     }
     let mut sql = format!(
-        "SELECT {} FROM {table} WHERE {}",
+        "SELECT {} FROM {} WHERE {}",
         columns.join(", "),
+        table.name,
         filters.join(" AND ")
     );
     if !query.group_by.is_empty() {
@@ -144,7 +151,16 @@ impl Store {
                 let sql = sqlite_sql(&sql);
                 fetch!(pool, &sql)
             }
-            Pool::Postgres(pool) => fetch!(pool, &sql),
+            Pool::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                // Reports hash tens of thousands of groups: keep that in memory, not on disk.
+                sqlx::query("SET LOCAL work_mem = '64MB'")
+                    .execute(&mut *tx)
+                    .await?;
+                let rows = fetch!(&mut *tx, &sql);
+                tx.commit().await?;
+                rows
+            }
         };
         if query.group_by.is_empty() {
             rows.retain(|r| r.sums.requests > 0);
