@@ -110,16 +110,9 @@ impl UsageQuery {
 
     /// `[start, end)` in epoch ms of the range's days in `hour_zone`.
     pub fn hour_range(&self) -> (i64, i64) {
-        let midnight = |date: NaiveDate| {
-            self.hour_zone
-                .from_local_datetime(&date.and_hms_opt(0, 0, 0).expect("midnight exists"))
-                .earliest()
-                .map_or(0, |t| t.timestamp_millis())
-        };
-        (
-            midnight(self.from),
-            midnight(self.to + chrono::Days::new(1)),
-        )
+        let start = |date: NaiveDate| day_start(self.hour_zone, date).timestamp_millis();
+        let after = self.to.succ_opt().unwrap_or(self.to);
+        (start(self.from), start(after))
     }
 }
 
@@ -230,6 +223,17 @@ impl RoutingReport {
     }
 }
 
+/// When a calendar day begins in a zone: local midnight, or the first hour that exists where a
+/// daylight-saving change skips midnight.
+pub fn day_start(zone: Tz, date: NaiveDate) -> chrono::DateTime<Tz> {
+    (0..=3)
+        .find_map(|hour| {
+            zone.from_local_datetime(&date.and_hms_opt(hour, 0, 0).expect("valid hour"))
+                .earliest()
+        })
+        .unwrap_or_else(|| zone.from_utc_datetime(&date.and_hms_opt(0, 0, 0).expect("midnight")))
+}
+
 /// Micro-dollars as a decimal string with six places (`1.234567`), exact.
 pub fn usd(micros: i64) -> String {
     let sign = if micros < 0 { "-" } else { "" };
@@ -304,14 +308,10 @@ pub fn focus_csv(report: &UsageReport, zone_of: impl Fn(&str) -> Tz) -> String {
         };
         let zone = zone_of(&tenant);
         let at = |date: NaiveDate| {
-            zone.from_local_datetime(&date.and_hms_opt(0, 0, 0).expect("midnight exists"))
-                .earliest()
-                .map(|t| {
-                    t.with_timezone(&chrono::Utc)
-                        .format("%Y-%m-%dT%H:%M:%SZ")
-                        .to_string()
-                })
-                .unwrap_or_default()
+            day_start(zone, date)
+                .with_timezone(&chrono::Utc)
+                .format("%Y-%m-%dT%H:%M:%SZ")
+                .to_string()
         };
         let month = date.with_day0(0).expect("first of month exists");
         let s = &row.sums;
@@ -409,6 +409,16 @@ mod tests {
         assert!(Dimension::parse("tag:").is_err());
         assert!(Dimension::parse("week").is_err());
         assert_eq!(Dimension::parse("key").unwrap().name(), "key");
+    }
+
+    #[test]
+    fn a_day_skipped_at_midnight_starts_at_its_first_hour() {
+        // Santiago moved clocks from 00:00 to 01:00 on 2026-09-06.
+        let santiago: Tz = "America/Santiago".parse().unwrap();
+        let date = NaiveDate::from_ymd_opt(2026, 9, 6).unwrap();
+        let start = day_start(santiago, date);
+        assert_eq!(start.date_naive(), date);
+        assert_eq!(start.format("%H:%M").to_string(), "01:00");
     }
 
     #[test]

@@ -165,10 +165,7 @@ impl Rollup {
                 tenant: row.tenant.clone(),
                 key_id: row.key_id.clone(),
                 // The model that served: a route's chosen model, not the route's public name.
-                model: row
-                    .routing
-                    .as_ref()
-                    .map_or_else(|| row.model.clone(), |r| r.routed_model.clone()),
+                model: bounded(row.routing.as_ref().map_or(&row.model, |r| &r.routed_model)),
                 backend: row.backend.clone().unwrap_or_default(),
                 tier: row
                     .routing
@@ -195,6 +192,18 @@ impl Rollup {
             (DAILY_BY_MODEL, self.daily_by_model.iter().collect()),
         ]
     }
+}
+
+/// Longest model name a cell keeps. The ledger keeps what the client sent, however long (a
+/// rejected request names any model it likes); a rollup key must fit an index entry.
+const MAX_MODEL_BYTES: usize = 200;
+
+fn bounded(model: &str) -> String {
+    let mut end = model.len().min(MAX_MODEL_BYTES);
+    while !model.is_char_boundary(end) {
+        end -= 1;
+    }
+    model[..end].to_string()
 }
 
 /// The calendar day (`YYYYMMDD`) of an instant in a time zone; UTC when the zone is missing or
@@ -283,5 +292,14 @@ mod tests {
         assert_eq!(by_model.len(), 1);
         assert_eq!(by_model[0].0.key_id, "");
         assert_eq!(by_model[0].1, daily[0].1);
+    }
+
+    #[test]
+    fn a_hostile_model_name_is_cut_to_fit_an_index() {
+        let mut long = row("x", 0, None, 1);
+        long.model = "é".repeat(4000);
+        let rollup = Rollup::of([long].iter());
+        let [(_, hourly), ..] = rollup.tables();
+        assert_eq!(hourly[0].0.model.len(), MAX_MODEL_BYTES);
     }
 }

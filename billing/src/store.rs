@@ -65,8 +65,8 @@ macro_rules! execute {
     };
 }
 
-/// Ledger rows per statement (35 parameters each; Postgres allows 65,535 per statement).
-const LEDGER_CHUNK: usize = 1000;
+/// Ledger rows per statement (34 parameters each; SQLite allows 32,766 per statement).
+const LEDGER_CHUNK: usize = 900;
 /// Rollup cells per statement (14 parameters each: well inside SQLite's and Postgres' limits).
 const ROLLUP_CHUNK: usize = 1000;
 
@@ -78,8 +78,14 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-const KEY_SELECT: &str = "SELECT id, tenant, name, secret_hash, prefix, created_ms, revoked_ms, \
-    updated_ms, previous_secret_hash, previous_expires_ms, rotated_ms, idempotency_key FROM api_keys";
+macro_rules! key_columns {
+    () => {
+        "id, tenant, name, secret_hash, prefix, created_ms, revoked_ms, updated_ms, \
+         previous_secret_hash, previous_expires_ms, rotated_ms, idempotency_key"
+    };
+}
+const KEY_COLUMNS: &str = key_columns!();
+const KEY_SELECT: &str = concat!("SELECT ", key_columns!(), " FROM api_keys");
 
 const LEDGER_INSERT: &str = "INSERT INTO ledger (request_id, created_ms, tenant, key_id, endpoint, model, \
     backend, upstream_model, stream, status, outcome, attempts, prompt_tokens, cached_tokens, \
@@ -88,7 +94,7 @@ const LEDGER_INSERT: &str = "INSERT INTO ledger (request_id, created_ms, tenant,
     premium_equivalent_micros, spec_acceptance, spec_tokens_per_pass, time_zone) ";
 /// No conflict target: in Postgres the key is (request_id, created_ms), the partition key
 /// included. Only the rows actually inserted come back, and only they reach the rollups.
-const LEDGER_CONFLICT: &str = " ON CONFLICT DO NOTHING RETURNING request_id";
+const LEDGER_CONFLICT: &str = " ON CONFLICT DO NOTHING RETURNING request_id, created_ms";
 
 macro_rules! push_ledger_values {
     ($b:ident, $r:ident) => {
@@ -322,7 +328,7 @@ impl Store {
         macro_rules! insert {
             ($pool:expr, $db:ty) => {{
                 let mut tx = $pool.begin().await?;
-                let mut inserted = std::collections::HashSet::<String>::new();
+                let mut inserted = std::collections::HashSet::<(String, i64)>::new();
                 for chunk in rows.chunks(LEDGER_CHUNK) {
                     let mut builder = sqlx::QueryBuilder::<$db>::new(LEDGER_INSERT);
                     builder.push_values(chunk, |mut b, r| {
@@ -330,10 +336,13 @@ impl Store {
                     });
                     builder.push(LEDGER_CONFLICT);
                     for row in builder.build().fetch_all(&mut *tx).await? {
-                        inserted.insert(row.try_get("request_id")?);
+                        inserted.insert((row.try_get("request_id")?, row.try_get("created_ms")?));
                     }
                 }
-                let new_rows = rows.iter().filter(|r| inserted.contains(&r.request_id));
+                // Each inserted row counts once, even if a batch carried it twice.
+                let new_rows = rows
+                    .iter()
+                    .filter(|r| inserted.remove(&(r.request_id.clone(), r.created_ms)));
                 let rollup = crate::rollup::Rollup::of(new_rows);
                 for (table, cells) in rollup.tables() {
                     for chunk in cells.chunks(ROLLUP_CHUNK) {

@@ -94,6 +94,9 @@ pub async fn rotate_key(
 #[derive(Default)]
 pub struct KeyCache {
     inner: RwLock<CacheState>,
+    /// One refresh at a time: a slow read applied after a newer one would bring back a key that
+    /// was just revoked or rotated.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -131,6 +134,7 @@ impl KeyCache {
 
     /// Applies key changes since the last refresh (`full`: reloads everything).
     pub async fn refresh(&self, store: &Store, full: bool) -> anyhow::Result<()> {
+        let _one_at_a_time = self.refreshing.lock().await;
         let since = if full {
             0
         } else {

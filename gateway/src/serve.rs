@@ -115,7 +115,7 @@ fn start_admin(
     let listener = background
         .block_on(tokio::net::TcpListener::bind(address))
         .map_err(|e| anyhow::anyhow!("admin API: cannot listen on {address}: {e}"))?;
-    let (token, generated) = crate::admin::admin_token(token_env);
+    let (token, generated) = crate::admin::admin_token(token_env, address)?;
     if generated {
         println!("Admin token for this run (set {token_env} to choose your own); shown only here:");
         println!("  {token}");

@@ -6,10 +6,15 @@ ALTER TABLE api_keys ADD COLUMN rotated_ms BIGINT;
 
 -- Client-supplied idempotency keys: a create retried with the same key returns the key it made
 -- (without its secret, which is shown once), and a rotation retried with the same key does not
--- rotate twice.
+-- rotate again, whatever rotations came in between.
 ALTER TABLE api_keys ADD COLUMN idempotency_key TEXT;
 CREATE UNIQUE INDEX api_keys_idempotency ON api_keys (idempotency_key);
-ALTER TABLE api_keys ADD COLUMN rotation_key TEXT;
+CREATE TABLE key_rotations (
+    key_id          TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    rotated_ms      BIGINT NOT NULL,
+    PRIMARY KEY (key_id, idempotency_key)
+);
 
 -- Every admin API call: who, what, when, and how it ended.
 CREATE TABLE audit_log (
@@ -42,16 +47,22 @@ CREATE INDEX ledger_tenant_time ON ledger (tenant, created_ms);
 -- Rows outside every monthly partition (clock errors, very old spool files) are kept here.
 CREATE TABLE ledger_default PARTITION OF ledger DEFAULT;
 
--- Creates the partition holding the UTC month of `month` when missing; returns its name.
+-- Creates the partition holding the UTC month of `month` when missing; returns its name. Rows of
+-- that month already in the default partition (a clock error, maintenance that could not run)
+-- move into it, so a late partition never fails on them.
 CREATE FUNCTION tollgate_ledger_partition(month DATE) RETURNS TEXT LANGUAGE plpgsql AS $$
 DECLARE
     start_ts TIMESTAMPTZ := date_trunc('month', month::timestamp) AT TIME ZONE 'UTC';
+    end_ts TIMESTAMPTZ := (date_trunc('month', month::timestamp) + interval '1 month') AT TIME ZONE 'UTC';
+    lo BIGINT := (extract(epoch FROM start_ts) * 1000)::BIGINT;
+    hi BIGINT := (extract(epoch FROM end_ts) * 1000)::BIGINT;
     name TEXT := 'ledger_' || to_char(month, 'YYYY_MM');
 BEGIN
     IF to_regclass(name) IS NULL THEN
-        EXECUTE format('CREATE TABLE %I PARTITION OF ledger FOR VALUES FROM (%s) TO (%s)', name,
-            (extract(epoch FROM start_ts) * 1000)::BIGINT,
-            (extract(epoch FROM start_ts + interval '1 month') * 1000)::BIGINT);
+        EXECUTE format('CREATE TABLE %I (LIKE ledger INCLUDING DEFAULTS)', name);
+        EXECUTE format('WITH moved AS (DELETE FROM ledger_default WHERE created_ms >= %s AND created_ms < %s RETURNING *) '
+                       'INSERT INTO %I SELECT * FROM moved', lo, hi, name);
+        EXECUTE format('ALTER TABLE ledger ATTACH PARTITION %I FOR VALUES FROM (%s) TO (%s)', name, lo, hi);
     END IF;
     RETURN name;
 END $$;

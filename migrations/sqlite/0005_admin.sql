@@ -6,10 +6,15 @@ ALTER TABLE api_keys ADD COLUMN rotated_ms INTEGER;
 
 -- Client-supplied idempotency keys: a create retried with the same key returns the key it made
 -- (without its secret, which is shown once), and a rotation retried with the same key does not
--- rotate twice.
+-- rotate again, whatever rotations came in between.
 ALTER TABLE api_keys ADD COLUMN idempotency_key TEXT;
 CREATE UNIQUE INDEX api_keys_idempotency ON api_keys (idempotency_key);
-ALTER TABLE api_keys ADD COLUMN rotation_key TEXT;
+CREATE TABLE key_rotations (
+    key_id          TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    rotated_ms      INTEGER NOT NULL,
+    PRIMARY KEY (key_id, idempotency_key)
+);
 
 -- Every admin API call: who, what, when, and how it ended.
 CREATE TABLE audit_log (

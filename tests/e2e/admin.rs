@@ -256,6 +256,12 @@ async fn reports_equal_the_ledger(gw: &Gateway) {
     assert_eq!(bad["error"]["param"], "group_by");
     let (status, _) = gw.admin_get("/admin/usage?from=2026-13-01").await;
     assert_eq!(status, 400);
+    let (status, bad) = gw.admin_get("/admin/usage?tennant=acme").await;
+    assert_eq!(status, 400, "a misspelt filter is refused, not ignored");
+    assert!(bad["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("tennant"));
 
     // Routing report: savings are premium-equivalent minus cost over routed requests.
     let (_, routing) = gw.admin_get(&format!("/admin/routing?{window}")).await;
@@ -377,6 +383,13 @@ async fn reports_equal_the_ledger(gw: &Gateway) {
         .iter()
         .any(|e| e["action"] == "POST /admin/keys/{id}/rotate"
             && e["target"].as_str().unwrap().starts_with("key_")));
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "keys rotate"
+                && e["actor"].as_str().unwrap().starts_with("cli:")),
+        "key changes from the CLI are audited too"
+    );
 }
 
 async fn keys_rotate_and_revoke(gw: &Gateway) {

@@ -3,7 +3,10 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{key_from_pg, key_from_sqlite, now_ms, sqlite_sql, KeyRecord, Pool, Store, KEY_SELECT};
+use super::{
+    key_from_pg, key_from_sqlite, now_ms, sqlite_sql, KeyRecord, Pool, Store, KEY_COLUMNS,
+    KEY_SELECT,
+};
 
 /// One admin API call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -65,7 +68,7 @@ impl Store {
 
     /// Gives the key a new secret. The old one keeps working until `previous_expires_ms`; a
     /// secret replaced by an earlier rotation stops at once. With an idempotency key, a retry
-    /// of the same rotation changes nothing.
+    /// of the same rotation changes nothing, even after other rotations.
     pub async fn rotate_key(
         &self,
         id: &str,
@@ -75,29 +78,63 @@ impl Store {
         rotation_key: Option<&str>,
     ) -> anyhow::Result<Rotation> {
         let now = now_ms();
-        let sql = "UPDATE api_keys SET previous_secret_hash = secret_hash, previous_expires_ms = $1, \
-                   secret_hash = $2, prefix = $3, rotated_ms = $4, updated_ms = $4, rotation_key = $5 \
-                   WHERE id = $6 AND revoked_ms IS NULL \
-                   AND (CAST($5 AS TEXT) IS NULL OR rotation_key IS NULL OR rotation_key <> CAST($5 AS TEXT))";
-        let affected = execute!(
-            self,
-            sql,
-            previous_expires_ms,
-            secret_hash,
-            prefix,
-            now,
-            rotation_key,
-            id
-        )?;
-        let Some(key) = self.key(id).await? else {
-            return Ok(Rotation::NotFound);
+        let update = format!(
+            "UPDATE api_keys SET previous_secret_hash = secret_hash, previous_expires_ms = $1, \
+             secret_hash = $2, prefix = $3, rotated_ms = $4, updated_ms = $4 \
+             WHERE id = $5 AND revoked_ms IS NULL RETURNING {KEY_COLUMNS}"
+        );
+        let remember = "INSERT INTO key_rotations (key_id, idempotency_key, rotated_ms) \
+                        VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+        macro_rules! rotate {
+            ($pool:expr, $sql:expr, $from_row:ident) => {{
+                let mut tx = $pool.begin().await?;
+                let first = match rotation_key {
+                    Some(k) => {
+                        sqlx::query(&$sql(remember))
+                            .bind(id)
+                            .bind(k)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected()
+                            > 0
+                    }
+                    None => true,
+                };
+                let rotated = if first {
+                    sqlx::query(&$sql(&update))
+                        .bind(previous_expires_ms)
+                        .bind(secret_hash)
+                        .bind(prefix)
+                        .bind(now)
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .map(|row| $from_row(&row))
+                        .transpose()?
+                } else {
+                    None
+                };
+                if rotated.is_some() {
+                    tx.commit().await?;
+                } else {
+                    // Not rotated: the idempotency key stays unused for a later retry.
+                    tx.rollback().await?;
+                }
+                (first, rotated)
+            }};
+        }
+        let (first, rotated) = match &self.pool {
+            Pool::Sqlite(pool) => rotate!(pool, sqlite_sql, key_from_sqlite),
+            Pool::Postgres(pool) => rotate!(pool, str::to_string, key_from_pg),
         };
-        Ok(if affected > 0 {
-            Rotation::Rotated(key)
-        } else if key.revoked_ms.is_some() {
-            Rotation::Revoked
-        } else {
-            Rotation::Replayed(key)
+        if let Some(key) = rotated {
+            return Ok(Rotation::Rotated(key));
+        }
+        Ok(match self.key(id).await? {
+            None => Rotation::NotFound,
+            Some(key) if !first => Rotation::Replayed(key),
+            Some(_) => Rotation::Revoked,
         })
     }
 
@@ -184,12 +221,14 @@ impl Store {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tollgate.ledger_partitions'))")
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "SELECT tollgate_ledger_partition((date_trunc('month', now() AT TIME ZONE 'UTC') + m * interval '1 month')::date) \
-             FROM generate_series(0, 2) AS m",
-        )
-        .execute(&mut *tx)
-        .await?;
+        for month in 0..3 {
+            sqlx::query(
+                "SELECT tollgate_ledger_partition((date_trunc('month', now() AT TIME ZONE 'UTC') + $1 * interval '1 month')::date)",
+            )
+            .bind(month)
+            .execute(&mut *tx)
+            .await?;
+        }
         let mut dropped = Vec::new();
         if let Some(months) = retain_months {
             let cutoff: String = sqlx::query_scalar(

@@ -26,8 +26,9 @@ fn usage_sql(query: &UsageQuery, with_tags: bool, postgres: bool) -> (String, Ve
             Dimension::Model => "NULLIF(model, '')".to_string(),
             Dimension::Backend => "NULLIF(backend, '')".to_string(),
             Dimension::Tier => "NULLIF(tier, '')".to_string(),
-            Dimension::Day => "CAST(day AS TEXT)".to_string(),
-            Dimension::Hour => "CAST(hour_ms AS TEXT)".to_string(),
+            // Buckets stay integers (cheaper to group); `present` formats them.
+            Dimension::Day => "day".to_string(),
+            Dimension::Hour => "hour_ms".to_string(),
             Dimension::Tag(tag) if postgres => format!(
                 "(CAST(NULLIF(tags, '') AS jsonb) ->> {})",
                 param(Bind::Text(tag.clone()))
@@ -93,17 +94,14 @@ fn usage_sql(query: &UsageQuery, with_tags: bool, postgres: bool) -> (String, Ve
 }
 
 /// Stored bucket values as reports show them: days `YYYY-MM-DD`, hours `YYYY-MM-DDTHH:00Z`.
-fn present(dimension: &Dimension, value: Option<String>) -> Option<String> {
-    let value = value?;
-    Some(match dimension {
-        Dimension::Day => value.parse().map_or(value, day_text),
-        Dimension::Hour => value
-            .parse()
-            .ok()
-            .and_then(chrono::DateTime::from_timestamp_millis)
-            .map_or(value, |t| t.format("%Y-%m-%dT%H:00Z").to_string()),
-        _ => value,
-    })
+fn present(dimension: &Dimension, bucket: i64) -> String {
+    match dimension {
+        Dimension::Hour => chrono::DateTime::from_timestamp_millis(bucket).map_or_else(
+            || bucket.to_string(),
+            |t| t.format("%Y-%m-%dT%H:00Z").to_string(),
+        ),
+        _ => day_text(bucket),
+    }
 }
 
 impl Store {
@@ -123,17 +121,23 @@ impl Store {
                 }
                 let mut out = Vec::new();
                 for row in q.fetch_all($pool).await? {
-                    let mut group = Vec::with_capacity(query.group_by.len());
+                    // Columns by position: the groups, the sums, then the tags.
+                    let n = query.group_by.len();
+                    let mut group = Vec::with_capacity(n);
                     for (i, dimension) in query.group_by.iter().enumerate() {
-                        let value: Option<String> = row.try_get(format!("g{i}").as_str())?;
-                        group.push(present(dimension, value));
+                        group.push(match dimension {
+                            Dimension::Day | Dimension::Hour => row
+                                .try_get::<Option<i64>, _>(i)?
+                                .map(|bucket| present(dimension, bucket)),
+                            _ => row.try_get::<Option<String>, _>(i)?,
+                        });
                     }
                     let mut values = [0i64; 6];
-                    for (value, column) in values.iter_mut().zip(SUM_COLUMNS) {
-                        *value = row.try_get(column)?;
+                    for (j, value) in values.iter_mut().enumerate() {
+                        *value = row.try_get(n + j)?;
                     }
                     let tags = if with_tags {
-                        row.try_get("tags")?
+                        row.try_get(n + SUM_COLUMNS.len())?
                     } else {
                         None
                     };

@@ -50,23 +50,30 @@ impl AdminState {
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
         // Comparing digests: the time taken says nothing about the token.
         presented == Some(self.token_sha256)
     }
 }
 
-/// The admin token from the environment, or a fresh random one (`true`: made here).
-pub fn admin_token(env: &str) -> (String, bool) {
+/// The admin token from the environment, or, for an admin API on loopback only, a fresh random
+/// one (`true`: made here, to be shown once). Reachable from elsewhere, a token must be chosen:
+/// a generated one would differ per replica and end up in whatever collects standard output.
+pub fn admin_token(env: &str, address: SocketAddr) -> anyhow::Result<(String, bool)> {
     match std::env::var(env) {
-        Ok(token) if !token.trim().is_empty() => (token.trim().to_string(), false),
-        _ => {
+        Ok(token) if !token.trim().is_empty() => Ok((token.trim().to_string(), false)),
+        _ if address.ip().is_loopback() => {
             use rand::RngCore;
             let mut random = [0u8; 24];
             rand::rngs::OsRng.fill_bytes(&mut random);
-            (format!("tga-{}", hex::encode(random)), true)
+            Ok((format!("tga-{}", hex::encode(random)), true))
         }
+        _ => anyhow::bail!(
+            "admin API on {address}: set {env} to its bearer token (a token is generated only \
+             for a loopback address), or set admin.enabled: false"
+        ),
     }
 }
 
@@ -107,6 +114,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/admin/audit", get(audit))
         .route("/admin/openapi.json", get(assets::openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), guard))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(state);
     Router::new()
@@ -126,6 +134,10 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
 
 async fn not_found(request: Request) -> ApiError {
     ApiError::not_found(request.uri().path())
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::method_not_allowed(request.method().as_str(), request.uri().path())
 }
 
 /// Authenticates and audits every admin call.
@@ -356,7 +368,7 @@ async fn usage(
     State(state): State<Arc<AdminState>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Answer {
-    let params = ReportParams::from_query(&query);
+    let params = ReportParams::from_query(&query, &[])?;
     Ok(json_response(
         StatusCode::OK,
         service::usage(&policy(&state), &state.store, &params).await?,
@@ -367,7 +379,7 @@ async fn routing(
     State(state): State<Arc<AdminState>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Answer {
-    let params = ReportParams::from_query(&query);
+    let params = ReportParams::from_query(&query, &[])?;
     Ok(json_response(
         StatusCode::OK,
         service::routing(&policy(&state), &state.store, &params).await?,
@@ -388,7 +400,7 @@ async fn export(
             .with_param("format"))
         }
     };
-    let params = ReportParams::from_query(&query);
+    let params = ReportParams::from_query(&query, &["format"])?;
     let (name, csv) = service::chargeback(&policy(&state), &state.store, &params, focus).await?;
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "text/csv; charset=utf-8")

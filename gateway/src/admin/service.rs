@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::NaiveDate;
+use chrono::{Datelike, NaiveDate};
 use serde_json::{json, Value};
 use tollgate_billing::budget::Tz;
 use tollgate_billing::report::{self, Dimension, RoutingReport, UsageQuery, UsageReport};
@@ -295,9 +295,23 @@ pub struct ReportParams {
 }
 
 impl ReportParams {
-    pub fn from_query(query: &HashMap<String, String>) -> ReportParams {
+    /// From a query string; a parameter that is not one of these (or `also`) is refused, so a
+    /// misspelt filter never silently widens a report.
+    pub fn from_query(
+        query: &HashMap<String, String>,
+        also: &[&str],
+    ) -> Result<ReportParams, ApiError> {
+        const KNOWN: [&str; 7] = ["from", "to", "tenant", "key", "model", "group_by", "tz"];
+        if let Some(unknown) = query
+            .keys()
+            .find(|k| !KNOWN.contains(&k.as_str()) && !also.contains(&k.as_str()))
+        {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter `{unknown}`"
+            )));
+        }
         let get = |name: &str| query.get(name).filter(|v| !v.is_empty()).cloned();
-        ReportParams {
+        Ok(ReportParams {
             from: get("from"),
             to: get("to"),
             tenant: get("tenant"),
@@ -305,7 +319,7 @@ impl ReportParams {
             model: get("model"),
             group_by: get("group_by"),
             tz: get("tz"),
-        }
+        })
     }
 
     pub fn query(
@@ -313,17 +327,21 @@ impl ReportParams {
         policy: &Policy,
         group_by: Option<Vec<Dimension>>,
     ) -> Result<UsageQuery, ApiError> {
-        let date =
-            |text: &Option<String>, param: &'static str| -> Result<Option<NaiveDate>, ApiError> {
-                text.as_deref()
-                    .map(|t| {
-                        NaiveDate::parse_from_str(t, "%Y-%m-%d").map_err(|_| {
-                            ApiError::bad_request(format!("`{param}` must be a date, YYYY-MM-DD"))
-                                .with_param(param)
+        let date = |text: &Option<String>, param: &'static str| {
+            text.as_deref()
+                .map(|t| {
+                    NaiveDate::parse_from_str(t, "%Y-%m-%d")
+                        .ok()
+                        .filter(|d| (2000..=9999).contains(&d.year()))
+                        .ok_or_else(|| {
+                            ApiError::bad_request(format!(
+                                "`{param}` must be a date from 2000 to 9999, YYYY-MM-DD"
+                            ))
+                            .with_param(param)
                         })
-                    })
-                    .transpose()
-            };
+                })
+                .transpose()
+        };
         let tenant = match &self.tenant {
             Some(name) => Some(
                 policy
@@ -340,9 +358,23 @@ impl ReportParams {
             (None, Some(t)) => t.time_zone,
             (None, None) => chrono_tz::UTC,
         };
-        let today = chrono::Utc::now().with_timezone(&zone).date_naive();
+        // Today where it is latest: without a tenant filter, the default range still holds the
+        // day that tenants east of UTC have already begun.
+        let now = chrono::Utc::now();
+        let today = match (tenant, &self.tz) {
+            (None, None) => policy
+                .tenants
+                .values()
+                .map(|t| now.with_timezone(&t.time_zone).date_naive())
+                .max()
+                .unwrap_or_else(|| now.date_naive()),
+            _ => now.with_timezone(&zone).date_naive(),
+        };
         let to = date(&self.to, "to")?.unwrap_or(today);
-        let from = date(&self.from, "from")?.unwrap_or(to - chrono::Days::new(DEFAULT_DAYS - 1));
+        let from = date(&self.from, "from")?.unwrap_or_else(|| {
+            to.checked_sub_days(chrono::Days::new(DEFAULT_DAYS - 1))
+                .unwrap_or(to)
+        });
         let group_by = match group_by {
             Some(fixed) => fixed,
             None => self

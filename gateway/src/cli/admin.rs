@@ -223,6 +223,12 @@ pub async fn keys(
     store: &Store,
     command: KeysCommand,
 ) -> anyhow::Result<ExitCode> {
+    let action = match &command {
+        KeysCommand::Create { tenant, .. } => Some(("keys create", tenant.clone())),
+        KeysCommand::Rotate { id, .. } => Some(("keys rotate", id.clone())),
+        KeysCommand::Revoke { id, .. } => Some(("keys revoke", id.clone())),
+        KeysCommand::List { .. } => None,
+    };
     let answer = match command {
         KeysCommand::Create {
             tenant,
@@ -281,6 +287,9 @@ pub async fn keys(
             })
         }
     };
+    if let Some((action, target)) = action {
+        audit(store, action, &target, &answer).await;
+    }
     Ok(match answer {
         Ok((value, json)) => {
             if json {
@@ -290,6 +299,39 @@ pub async fn keys(
         }
         Err(e) => fail(&e),
     })
+}
+
+/// Key changes made from the command line are audited like the admin API's (the key id, never
+/// the secret).
+async fn audit(
+    store: &Store,
+    action: &str,
+    target: &str,
+    answer: &Result<(Value, bool), ApiError>,
+) {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let (status, detail) = match answer {
+        Ok((value, _)) => {
+            let id = value["key"]["id"].as_str().or(value["id"].as_str());
+            (200, id.map(|id| format!("key={id}")))
+        }
+        Err(e) => (i32::from(e.status), Some(e.message.clone())),
+    };
+    let entry = tollgate_billing::store::AuditEntry {
+        id: 0,
+        at_ms: chrono::Utc::now().timestamp_millis(),
+        actor: format!("cli:{user}"),
+        remote: None,
+        method: "CLI".into(),
+        path: format!("tollgate {action} {target}"),
+        action: action.into(),
+        target: Some(target.into()),
+        status,
+        detail,
+    };
+    if let Err(e) = store.audit(&entry).await {
+        eprintln!("warning: the audit log could not be written: {e:#}");
+    }
 }
 
 fn fail(e: &ApiError) -> ExitCode {

@@ -802,6 +802,22 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
         }
     }
 
+    if file.ledger.retention_months.is_some() {
+        // Counters are rebuilt from the ledger; a lifetime budget would forget dropped months.
+        for tenant in tenants.values() {
+            if tenant.budgets.iter().any(|b| b.period == Period::Total) {
+                errors.add(
+                    "ledger.retention_months",
+                    format!(
+                        "tenant `{}` has a `total` budget, which is rebuilt from the whole ledger; \
+                         retention would forget what it spent",
+                        tenant.name
+                    ),
+                );
+            }
+        }
+    }
+
     Some(Policy {
         routes,
         listen,

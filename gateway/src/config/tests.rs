@@ -263,3 +263,32 @@ fn diff_reports_prices_budgets_routes_access_and_backends() {
     assert_eq!(changes.len(), 5, "{changes:#?}");
     assert!(diff(&old, &Policy::from_yaml(VALID).unwrap()).is_empty());
 }
+
+#[test]
+fn admin_and_retention_settings_are_checked() {
+    let policy = Policy::from_yaml(VALID).expect("valid");
+    assert_eq!(policy.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+    let on_data_plane = format!("{VALID}admin: {{ listen: \"127.0.0.1:9000\" }}\n");
+    let errors = Policy::from_yaml(&on_data_plane).unwrap_err();
+    assert!(
+        errors.iter().any(|e| e.path == "admin.listen"),
+        "{errors:?}"
+    );
+    let off = format!("{VALID}admin: {{ enabled: false }}\n");
+    assert_eq!(Policy::from_yaml(&off).unwrap().admin_listen, None);
+
+    let lifetime = VALID.replace(
+        "  - name: everyone\n",
+        "  - name: everyone\n    budgets: [{ limit_usd: 10, period: total }]\n",
+    );
+    let with_retention = format!("{lifetime}ledger: {{ retention_months: 12 }}\n");
+    let errors = Policy::from_yaml(&with_retention).unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.path == "ledger.retention_months" && e.message.contains("everyone")),
+        "{errors:?}"
+    );
+    assert!(Policy::from_yaml(&format!("{lifetime}ledger: {{ retention_months: 0 }}\n")).is_err());
+    assert!(Policy::from_yaml(&format!("{VALID}ledger: {{ retention_months: 12 }}\n")).is_ok());
+}
