@@ -486,6 +486,29 @@ async fn openapi_documents_every_route(gw: &Gateway) {
     let (status, text) = get_text(&format!("{}/admin/openapi.json", gw.admin_url()), None).await;
     assert_eq!(status, 200, "the document needs no token");
     let doc: Value = serde_json::from_str(&text).unwrap();
+    // A valid OpenAPI 3.1 document, by the reference validator.
+    let mut check = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys; from openapi_spec_validator import validate; validate(json.load(sys.stdin))",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    use std::io::Write as _;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "openapi.json is not valid OpenAPI: {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
     let paths: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
     assert_eq!(paths.len(), 12);
     // Each documented GET answers (no route is documented but missing).
