@@ -13,6 +13,7 @@ use tollgate_billing::budget::{
     window, Charge, Counters, LocalCounters, Period, RedisCounters, Seed, Window,
 };
 use tollgate_billing::price::{Price, Usage};
+use tollgate_billing::report::usd;
 use tollgate_billing::store::Store;
 
 use hmac::{Hmac, Mac};
@@ -111,7 +112,7 @@ impl Admission {
             }
         }
         if let Some((_, room, _)) = tightest(Measure::Micros, false) {
-            headers.push(("x-tollgate-budget-remaining", format_usd(room)));
+            headers.push(("x-tollgate-budget-remaining", usd(room)));
         }
         headers
     }
@@ -140,10 +141,6 @@ fn seconds_until(end_ms: i64, now: i64) -> i64 {
         return 0;
     }
     ((end_ms - now).max(0) + 999) / 1000
-}
-
-fn format_usd(micros: i64) -> String {
-    format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
 }
 
 /// Key of a budget's counter for one window.
@@ -235,7 +232,7 @@ fn plan(
             Metric::Usd => (Measure::Micros, cost, "USD"),
             Metric::Tokens => (Measure::Tokens, tokens, "token"),
         };
-        let period = format!("{:?}", budget.period).to_lowercase();
+        let period = budget.period.name();
         planned.push(Planned {
             charge: Charge {
                 counter: budget_counter(tag, budget, &w),
@@ -466,8 +463,8 @@ impl Limits {
                 let room = denied.room.max(0);
                 let (needed, left) = match p.measure {
                     Measure::Micros => (
-                        format!("${}", format_usd(p.charge.amount)),
-                        format!("${}", format_usd(room)),
+                        format!("${}", usd(p.charge.amount)),
+                        format!("${}", usd(room)),
                     ),
                     Measure::Tokens => (
                         format!("{} tokens", p.charge.amount),

@@ -16,6 +16,19 @@ pub enum Period {
     Total,
 }
 
+impl Period {
+    /// The name policy files and reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Period::Minute => "minute",
+            Period::Daily => "daily",
+            Period::Weekly => "weekly",
+            Period::Monthly => "monthly",
+            Period::Total => "total",
+        }
+    }
+}
+
 /// A window: its label (part of the counter key) and its bounds in Unix milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {

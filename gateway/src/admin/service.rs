@@ -10,7 +10,7 @@ use tollgate_billing::budget::Tz;
 use tollgate_billing::report::{self, Dimension, RoutingReport, UsageQuery, UsageReport};
 use tollgate_billing::store::{KeyRecord, Rotation, Store};
 
-use crate::config::{Budget, Metric, Policy, Tenant};
+use crate::config::{Metric, Policy, Tenant};
 use crate::keys::{self, Created};
 use crate::limits::Limits;
 use crate::proxy::error::ApiError;
@@ -49,10 +49,6 @@ fn rfc3339(ms: Option<i64>) -> Value {
         .map_or(Value::Null, |t| json!(t.to_rfc3339()))
 }
 
-fn period_name(budget: &Budget) -> String {
-    format!("{:?}", budget.period).to_lowercase()
-}
-
 // ---- tenants
 
 pub fn tenants(policy: &Policy, only: Option<&str>) -> Result<Value, ApiError> {
@@ -86,7 +82,7 @@ fn tenant_json(t: &Tenant) -> Value {
         .iter()
         .map(|b| {
             json!({
-                "id": b.ident(), "metric": metric_name(b), "period": period_name(b),
+                "id": b.ident(), "metric": b.metric.name(), "period": b.period.name(),
                 "limit": b.limit, "hard": b.hard, "key": b.key, "model": b.model,
             })
         })
@@ -101,13 +97,6 @@ fn tenant_json(t: &Tenant) -> Value {
         "budgets": budgets,
         "alert_thresholds": thresholds(t),
     })
-}
-
-fn metric_name(budget: &Budget) -> &'static str {
-    match budget.metric {
-        Metric::Usd => "usd",
-        Metric::Tokens => "tokens",
-    }
 }
 
 /// Alert thresholds in percent; without alerts, the dashboard's default marks.
@@ -247,9 +236,9 @@ pub async fn budgets(
             let mut item = json!({
                 "tenant": name,
                 "id": budget.ident(),
-                "metric": metric_name(budget),
+                "metric": budget.metric.name(),
                 "unit": if budget.metric == Metric::Usd { "usd_micros" } else { "tokens" },
-                "period": period_name(budget),
+                "period": budget.period.name(),
                 "hard": budget.hard,
                 "key": budget.key,
                 "model": budget.model,

@@ -265,7 +265,7 @@ fn route(r: &Route) -> String {
 }
 
 fn budget(b: &Budget) -> String {
-    let period = format!("{:?}", b.period).to_lowercase();
+    let period = b.period.name();
     let mut s = match b.metric {
         Metric::Usd => format!("{} {period}", usd(b.limit.max(0) as u64)),
         Metric::Tokens => format!("{} tokens {period}", b.limit),

@@ -220,6 +220,15 @@ pub enum Metric {
     Tokens,
 }
 
+impl Metric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Usd => "usd",
+            Metric::Tokens => "tokens",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Budget {
     pub metric: Metric,
@@ -235,19 +244,10 @@ impl Budget {
     /// Identity of the budget's counter: stable when only its limit changes, so raising a limit
     /// mid-period keeps what was spent.
     pub fn ident(&self) -> String {
-        let metric = match self.metric {
-            Metric::Usd => "usd",
-            Metric::Tokens => "tokens",
-        };
-        let period = match self.period {
-            Period::Minute => "minute",
-            Period::Daily => "daily",
-            Period::Weekly => "weekly",
-            Period::Monthly => "monthly",
-            Period::Total => "total",
-        };
         format!(
-            "{metric}.{period}.k={}.m={}",
+            "{}.{}.k={}.m={}",
+            self.metric.name(),
+            self.period.name(),
             self.key.as_deref().unwrap_or("*"),
             self.model.as_deref().unwrap_or("*")
         )
