@@ -6,6 +6,9 @@
 //!
 //! Run: `cargo bench -p tollgate-gateway --bench latency` (results: bench/RESULTS.md). Needs
 //! Redis at `TOLLGATE_TEST_REDIS` (default 127.0.0.1:6379).
+//!
+//! With `TOLLGATE_BENCH_BASELINE_BIN=/path/to/older/tollgate`, a third table compares this
+//! build with that binary (same policy, same mock, interleaved), e.g. before and after a change.
 
 #[path = "../tests/e2e/harness/mock_upstream.rs"]
 #[allow(dead_code)]
@@ -59,6 +62,20 @@ async fn start_gateway(
     policy: &str,
     tenants: &[&str],
 ) -> (String, std::process::Child, Vec<String>) {
+    start_gateway_bin(env!("CARGO_BIN_EXE_tollgate"), dir, name, policy, tenants).await
+}
+
+/// Like `start_gateway`, with a given binary; each gateway runs in a folder of its own (its
+/// ledger journal lives there).
+async fn start_gateway_bin(
+    bin: &str,
+    dir: &std::path::Path,
+    name: &str,
+    policy: &str,
+    tenants: &[&str],
+) -> (String, std::process::Child, Vec<String>) {
+    let dir = &dir.join(name);
+    std::fs::create_dir_all(dir).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -70,7 +87,6 @@ async fn start_gateway(
         format!("listen: [\"127.0.0.1:{port}\"]\ndatabase_url: sqlite://{}/{name}.db\nthreads: 1\n{policy}", dir.display()),
     )
     .unwrap();
-    let bin = env!("CARGO_BIN_EXE_tollgate");
     let keys = tenants
         .iter()
         .map(|tenant| {
@@ -245,6 +261,48 @@ async fn main() {
             us(p50) - us(base50),
             us(p99) - us(base99)
         );
+    }
+    if let Ok(baseline_bin) = std::env::var("TOLLGATE_BENCH_BASELINE_BIN") {
+        // Before/after: the same unlimited tenant on this build and on the baseline binary.
+        let plain = format!("{backends}tenants:\n  - name: free\n");
+        let (after_url, after, after_keys) =
+            start_gateway(dir.path(), "after", &plain, &["free"]).await;
+        let (before_url, before, before_keys) =
+            start_gateway_bin(&baseline_bin, dir.path(), "before", &plain, &["free"]).await;
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": prompt_300}]});
+        let paths = [
+            ("direct to the mock", &direct_url, &key),
+            ("baseline binary", &before_url, &before_keys[0]),
+            ("this build", &after_url, &after_keys[0]),
+        ];
+        let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
+        for i in 0..ROUNDS * 2 + 50 {
+            for (j, (_, url, key)) in paths.iter().enumerate() {
+                let t = time_request(&client, url, key, &body, false).await;
+                if i >= 50 {
+                    samples[j].push(t);
+                }
+            }
+        }
+        println!();
+        println!("| build (concurrency 1, ~300-token chat) | p50 | p99 | added p50 vs direct | added p99 vs direct |");
+        println!("|---|---|---|---|---|");
+        for s in &mut samples {
+            s.sort();
+        }
+        let (base50, base99) = (percentile(&samples[0], 0.5), percentile(&samples[0], 0.99));
+        for ((name, _, _), s) in paths.iter().zip(&samples) {
+            let (p50, p99) = (percentile(s, 0.5), percentile(s, 0.99));
+            println!(
+                "| {name} | {:.0} µs | {:.0} µs | {:+.0} µs | {:+.0} µs |",
+                us(p50),
+                us(p99),
+                us(p50) - us(base50),
+                us(p99) - us(base99)
+            );
+        }
+        stop(after);
+        stop(before);
     }
     stop(gateway);
     stop(local_gateway);

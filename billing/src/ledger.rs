@@ -1,19 +1,27 @@
-//! The usage ledger: one [`LedgerRow`] per authenticated request, written in batches by a
-//! background task so that the request path never waits on the database.
+//! The usage ledger: one [`LedgerRow`] per authenticated request, on local disk first and in
+//! the database soon after, so that the request path never waits on either.
 //!
-//! Nothing is dropped: a batch that fails to write is retried with backoff while new rows keep
-//! queueing; at shutdown, rows that still cannot be written are appended to a spool file, which
-//! the next start replays. Rows are keyed by request id and inserted with "on conflict do
-//! nothing", so a replay or a retry after a partial failure never bills twice.
+//! A row's way: [`LedgerSender::record`] (non-blocking) -> the [`journal`] thread appends it to
+//! a segment file and fsyncs in group commits -> the database writer reads the segments back,
+//! inserts them in batches and deletes a segment once the database has all of it. A database
+//! outage only grows the journal (bounded by `journal_max_bytes`, then `on_full` decides); a
+//! crash loses at most the group commit in progress; a start replays what is left. Rows are
+//! keyed by request id and inserted with "on conflict do nothing", so replays and retries never
+//! bill twice. A row the database refuses (not a failure to reach it) is retried alone and then
+//! moved to the dead letters, so it never holds up the rows behind it.
+
+pub mod journal;
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::store::Store;
+pub use journal::{JournalOptions, OnFull, Stats};
 
 /// What one request used and cost. Token fields are "billed" values; the `counted_*` and
 /// `provider_*` fields keep both sources so that disagreements can be audited.
@@ -67,6 +75,51 @@ pub struct LedgerRow {
     pub time_zone: Option<String>,
 }
 
+impl LedgerRow {
+    /// Makes every text field storable: NUL bytes (which Postgres TEXT refuses) become U+FFFD.
+    /// The request path already refuses control characters in what clients send; this is the
+    /// last line of defence for anything else.
+    pub fn sanitize(&mut self) {
+        fn clean(s: &mut String) {
+            if s.contains('\0') {
+                *s = s.replace('\0', "\u{FFFD}");
+            }
+        }
+        for s in [
+            &mut self.request_id,
+            &mut self.tenant,
+            &mut self.key_id,
+            &mut self.endpoint,
+            &mut self.model,
+            &mut self.outcome,
+            &mut self.usage_source,
+        ] {
+            clean(s);
+        }
+        for s in [
+            &mut self.backend,
+            &mut self.upstream_model,
+            &mut self.tags,
+            &mut self.time_zone,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            clean(s);
+        }
+        if let Some(r) = &mut self.routing {
+            for s in [
+                &mut r.route,
+                &mut r.tier,
+                &mut r.reason,
+                &mut r.routed_model,
+            ] {
+                clean(s);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Speculation {
     /// Accepted over drafted tokens.
@@ -85,202 +138,302 @@ pub struct Routing {
     pub premium_equivalent_micros: i64,
 }
 
-/// Tuning for the background writer.
+/// Tuning for the ledger.
 #[derive(Debug, Clone)]
 pub struct WriterOptions {
     pub max_batch: usize,
-    pub flush_interval: Duration,
-    /// Where rows go when the database is still unreachable at shutdown.
-    pub spool_path: PathBuf,
-    /// How long shutdown keeps retrying the database before spooling.
-    pub shutdown_deadline: Duration,
-}
-
-enum Message {
-    Row(Box<LedgerRow>),
-    Flush(oneshot::Sender<()>),
+    pub journal: JournalOptions,
+    /// A spool file left by an older version: adopted into the journal at start.
+    pub legacy_spool: Option<PathBuf>,
 }
 
 /// Cheap, cloneable handle used on the request path.
 #[derive(Clone)]
 pub struct LedgerSender {
-    tx: mpsc::UnboundedSender<Message>,
+    appender: journal::Appender,
+    shared: Arc<journal::Shared>,
+    /// Held for the life of the process: the journal directory's lock.
+    _lock: Arc<std::fs::File>,
 }
 
 impl LedgerSender {
-    /// Queues a row; never blocks. Rows sent after the writer has stopped are logged, not lost
-    /// silently.
+    /// Queues a row for the journal; never blocks.
     pub fn record(&self, row: LedgerRow) {
-        if let Err(e) = self.tx.send(Message::Row(Box::new(row))) {
-            if let Message::Row(row) = e.0 {
-                tracing::error!(request_id = %row.request_id, "ledger writer stopped; row not queued");
+        if let Err(e) = self.appender.tx.send(journal::Message::Row(Box::new(row))) {
+            if let journal::Message::Row(row) = e.0 {
+                tracing::error!(request_id = %row.request_id, row = %serde_json::to_string(&row).unwrap_or_default(), "ledger journal stopped; row not journaled");
             }
         }
     }
 
-    /// Waits until every row queued before this call is durable (database or spool file).
-    pub async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Message::Flush(tx)).is_ok() {
-            let _ = rx.await;
+    /// Whether new requests may be served: false while the journal is full (or unwritable)
+    /// under `fail_closed`.
+    pub fn accepting(&self) -> bool {
+        self.shared.stats.accepting.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Makes every row recorded before this call durable in the journal (one group commit now).
+    pub async fn sync(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.appender.tx.send(journal::Message::Sync(tx)).is_ok() {
+            let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
+        }
+    }
+
+    /// Makes every row recorded so far durable, then waits (until `deadline`) for the database
+    /// to have them. True when it does; otherwise they stay in the journal for the next start.
+    pub async fn flush(&self, deadline: Duration) -> bool {
+        self.sync().await;
+        self.wait_written(deadline).await
+    }
+
+    /// Waits until the database has every journaled row, or `timeout` passes.
+    pub async fn wait_written(&self, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        loop {
+            if self.shared.stats.journal_rows.load(Ordering::Relaxed) == 0 {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
 
-/// Starts the writer on the current Tokio runtime.
-pub fn spawn_writer(store: Store, options: WriterOptions) -> LedgerSender {
-    let (tx, rx) = mpsc::unbounded_channel();
+/// Opens the journal (adopting what an earlier run left) and starts the database writer on
+/// the current Tokio runtime.
+pub fn spawn_writer(store: Store, options: WriterOptions) -> anyhow::Result<LedgerSender> {
+    let (appender, shared, lock) =
+        journal::open(&options.journal, options.legacy_spool.as_deref())?;
     tokio::spawn(
         Writer {
             store,
-            options,
-            pending: Vec::new(),
+            shared: shared.clone(),
+            max_batch: options.max_batch.max(1),
         }
-        .run(rx),
+        .run(),
     );
-    LedgerSender { tx }
+    Ok(LedgerSender {
+        appender,
+        shared,
+        _lock: Arc::new(lock),
+    })
 }
 
-/// Replays rows spooled by an earlier shutdown, then removes the spool file.
-pub async fn replay_spool(store: &Store, path: &std::path::Path) -> anyhow::Result<usize> {
-    let text = match tokio::fs::read_to_string(path).await {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e.into()),
-    };
-    let mut rows = Vec::new();
-    for (n, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        match serde_json::from_str::<LedgerRow>(line) {
-            Ok(row) => rows.push(row),
-            Err(e) => tracing::error!("ledger spool line {} unreadable: {e}", n + 1),
-        }
-    }
-    for chunk in rows.chunks(500) {
-        store.insert_ledger_rows(chunk).await?;
-    }
-    tokio::fs::remove_file(path).await?;
-    Ok(rows.len())
-}
-
+/// Reads journal segments back and puts their rows in the database.
 struct Writer {
     store: Store,
-    options: WriterOptions,
-    pending: Vec<LedgerRow>,
+    shared: Arc<journal::Shared>,
+    max_batch: usize,
+}
+
+/// A line read back from the journal, and where it ends.
+struct Line {
+    row: Result<LedgerRow, String>,
+    text: String,
+    end: u64,
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Message>) {
-        let interval = self.options.flush_interval;
-        let mut next_write: Option<Instant> = None;
+    async fn run(self) {
+        let mut cursor = (0u64, 0u64);
         let mut failures = 0u32;
         loop {
-            let message = match next_write {
-                Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
-                    Ok(message) => message,
-                    Err(_elapsed) => {
-                        next_write = self.write_and_schedule(&mut failures).await;
-                        continue;
-                    }
-                },
-                None => rx.recv().await,
+            let Some(pending) = self.shared.next(&mut cursor) else {
+                // Wait for the next group commit (the timeout covers a missed wake-up).
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), self.shared.committed.notified())
+                        .await;
+                continue;
             };
-            match message {
-                Some(Message::Row(row)) => {
-                    self.pending.push(*row);
-                    next_write.get_or_insert_with(|| Instant::now() + interval);
-                    if self.pending.len() >= self.options.max_batch && failures == 0 {
-                        next_write = self.write_and_schedule(&mut failures).await;
-                    }
+            let lines = match read_lines(&pending, self.max_batch) {
+                Ok(lines) => lines,
+                Err(e) => {
+                    tracing::error!(path = %pending.path.display(), "cannot read the ledger journal (retrying): {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 }
-                Some(Message::Flush(ack)) => {
-                    self.flush_for_shutdown().await;
-                    next_write = None;
-                    let _ = ack.send(());
-                }
-                None => {
-                    self.flush_for_shutdown().await;
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Writes what is pending and says when to try next: after the flush interval while rows
-    /// keep coming, after an exponential backoff while the database is failing.
-    async fn write_and_schedule(&mut self, failures: &mut u32) -> Option<Instant> {
-        match self.write_pending().await {
-            Ok(()) => {
-                *failures = 0;
-                None
-            }
-            Err(()) => {
-                *failures += 1;
-                let backoff = self.options.flush_interval * 2u32.saturating_pow((*failures).min(6));
-                Some(Instant::now() + backoff.min(Duration::from_secs(5)))
-            }
-        }
-    }
-
-    /// Writes everything pending in batches; keeps the rows on failure.
-    async fn write_pending(&mut self) -> Result<(), ()> {
-        while !self.pending.is_empty() {
-            let n = self.pending.len().min(self.options.max_batch);
-            match self.store.insert_ledger_rows(&self.pending[..n]).await {
+            };
+            match self.write(&pending, &lines, &mut cursor).await {
                 Ok(()) => {
-                    self.pending.drain(..n);
+                    if failures > 0 {
+                        tracing::info!("database reachable again; ledger rows are being written");
+                    }
+                    failures = 0;
+                    self.shared.stats.database_up.store(true, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    tracing::warn!(
-                        pending = self.pending.len(),
-                        "ledger write failed, will retry: {e:#}"
-                    );
-                    return Err(());
+                    failures += 1;
+                    self.shared
+                        .stats
+                        .database_up
+                        .store(false, Ordering::Relaxed);
+                    if failures == 1 || failures.is_multiple_of(20) {
+                        tracing::warn!(
+                            journal_rows = self.shared.stats.journal_rows.load(Ordering::Relaxed),
+                            "ledger write failed; rows wait in the journal: {e:#}"
+                        );
+                    }
+                    // Retry soon: rows must reach the database as soon as it is back.
+                    let pause = Duration::from_millis(50 * 2u64.pow(failures.min(4)));
+                    tokio::time::sleep(pause).await;
                 }
             }
+        }
+    }
+
+    /// Writes `lines` (read from `pending`), advancing the cursor past what the database has
+    /// or the dead letters hold. An error means the database could not be reached: the rest
+    /// is retried later.
+    async fn write(
+        &self,
+        pending: &journal::Pending,
+        lines: &[Line],
+        cursor: &mut (u64, u64),
+    ) -> anyhow::Result<()> {
+        let Some(last) = lines.last() else {
+            return Ok(());
+        };
+        let rows: Vec<LedgerRow> = lines.iter().filter_map(|l| l.row.clone().ok()).collect();
+        let result = self.store.insert_ledger_rows(&rows).await;
+        match result {
+            Ok(()) if rows.len() == lines.len() => {
+                self.written(rows.len());
+                self.advance(pending, cursor, last.end, rows.len() as u64);
+                return Ok(());
+            }
+            Ok(()) => {}
+            Err(e) if !crate::store::is_refusal(&e) => return Err(e),
+            Err(_) => {}
+        }
+        // Something in the batch was refused (or unreadable): row by row, dead-lettering the
+        // rows the database refuses on their own.
+        for line in lines {
+            match &line.row {
+                Err(_) if line.text.is_empty() => {}
+                Err(parse_error) => {
+                    self.shared.dead_letter(
+                        None,
+                        Some(&line.text),
+                        &format!("unreadable journal line: {parse_error}"),
+                    );
+                }
+                Ok(row) => {
+                    if let Err(e) = self
+                        .store
+                        .insert_ledger_rows(std::slice::from_ref(row))
+                        .await
+                    {
+                        if !crate::store::is_refusal(&e) {
+                            return Err(e);
+                        }
+                        self.shared.dead_letter(Some(row), None, &format!("{e:#}"));
+                    } else {
+                        self.written(1);
+                    }
+                }
+            }
+            self.advance(pending, cursor, line.end, 1);
         }
         Ok(())
     }
 
-    async fn flush_for_shutdown(&mut self) {
-        let deadline = Instant::now() + self.options.shutdown_deadline;
-        let mut pause = Duration::from_millis(50);
-        while self.write_pending().await.is_err() {
-            if Instant::now() + pause > deadline {
-                self.spool();
-                return;
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
-        }
+    /// Moves the cursor past lines the database has or the dead letters hold.
+    fn advance(&self, pending: &journal::Pending, cursor: &mut (u64, u64), end: u64, lines: u64) {
+        *cursor = (pending.seq, end);
+        self.shared.consumed(pending.seq, end, lines);
     }
 
-    fn spool(&mut self) {
-        use std::io::Write;
-        let path = &self.options.spool_path;
-        let result = (|| -> std::io::Result<()> {
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?;
-            for row in &self.pending {
-                let line = serde_json::to_string(row).map_err(std::io::Error::other)?;
-                writeln!(file, "{line}")?;
-            }
-            file.sync_all()
-        })();
-        match result {
-            Ok(()) => {
-                tracing::warn!(rows = self.pending.len(), path = %path.display(), "database unreachable; ledger rows spooled");
-                self.pending.clear();
-            }
-            Err(e) => tracing::error!(
-                rows = self.pending.len(),
-                "could not spool ledger rows: {e}"
-            ),
-        }
+    fn written(&self, rows: usize) {
+        self.shared
+            .stats
+            .written_rows
+            .fetch_add(rows as u64, Ordering::Relaxed);
     }
 }
+
+/// Reads up to `max` complete lines from a durable stretch of a segment.
+fn read_lines(pending: &journal::Pending, max: usize) -> std::io::Result<Vec<Line>> {
+    use std::io::{BufRead, BufReader, Seek, SeekFrom};
+    let mut file = std::fs::File::open(&pending.path)?;
+    file.seek(SeekFrom::Start(pending.from))?;
+    let mut reader = BufReader::with_capacity(256 << 10, file);
+    let mut lines = Vec::new();
+    let mut offset = pending.from;
+    let mut buf = Vec::new();
+    while lines.len() < max && offset < pending.to {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf)?;
+        if n == 0 || offset + n as u64 > pending.to {
+            break;
+        }
+        offset += n as u64;
+        let text = String::from_utf8_lossy(&buf).trim_end().to_string();
+        if text.is_empty() {
+            // A blank line carries no row; step over it.
+            lines.push(Line {
+                row: Err("blank line".into()),
+                text,
+                end: offset,
+            });
+            continue;
+        }
+        let row = serde_json::from_str::<LedgerRow>(&text)
+            .map(|mut row| {
+                // Journals and spools written before NULs were refused may hold them.
+                row.sanitize();
+                row
+            })
+            .map_err(|e| e.to_string());
+        lines.push(Line {
+            row,
+            text,
+            end: offset,
+        });
+    }
+    Ok(lines)
+}
+
+/// A plausible row for tests.
+#[cfg(test)]
+pub(crate) fn test_row(id: &str, created_ms: i64, tz: Option<&str>, cost: i64) -> LedgerRow {
+    LedgerRow {
+        request_id: id.into(),
+        created_ms,
+        tenant: "acme".into(),
+        key_id: "k".into(),
+        endpoint: "chat.completions".into(),
+        model: "m".into(),
+        backend: Some("b".into()),
+        upstream_model: None,
+        stream: false,
+        status: 200,
+        outcome: "ok".into(),
+        attempts: 1,
+        prompt_tokens: 10,
+        cached_tokens: 0,
+        completion_tokens: 5,
+        counted_prompt_tokens: 10,
+        counted_completion_tokens: 5,
+        provider_prompt_tokens: None,
+        provider_cached_tokens: None,
+        provider_completion_tokens: None,
+        usage_source: "gateway".into(),
+        cost_micros: cost,
+        latency_ms: 1,
+        ttft_ms: None,
+        tags: None,
+        routing: None,
+        speculation: None,
+        time_zone: tz.map(str::to_string),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -231,36 +231,7 @@ mod tests {
     use super::*;
 
     fn row(id: &str, created_ms: i64, tz: Option<&str>, cost: i64) -> LedgerRow {
-        LedgerRow {
-            request_id: id.into(),
-            created_ms,
-            tenant: "acme".into(),
-            key_id: "k".into(),
-            endpoint: "chat.completions".into(),
-            model: "m".into(),
-            backend: Some("b".into()),
-            upstream_model: None,
-            stream: false,
-            status: 200,
-            outcome: "ok".into(),
-            attempts: 1,
-            prompt_tokens: 10,
-            cached_tokens: 0,
-            completion_tokens: 5,
-            counted_prompt_tokens: 10,
-            counted_completion_tokens: 5,
-            provider_prompt_tokens: None,
-            provider_cached_tokens: None,
-            provider_completion_tokens: None,
-            usage_source: "gateway".into(),
-            cost_micros: cost,
-            latency_ms: 1,
-            ttft_ms: None,
-            tags: None,
-            routing: None,
-            speculation: None,
-            time_zone: tz.map(str::to_string),
-        }
+        crate::ledger::test_row(id, created_ms, tz, cost)
     }
 
     #[test]

@@ -228,6 +228,36 @@ mod admin;
 mod reports;
 pub use admin::{AuditEntry, Rotation};
 
+/// Whether a failed write was the database refusing the data itself (a value it cannot store,
+/// a constraint, a trigger's exception), as opposed to failing to reach or run the database.
+/// Refused rows are set aside; failures to reach it are retried.
+pub fn is_refusal(error: &anyhow::Error) -> bool {
+    match error.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => {
+            let code = db.code().unwrap_or_default();
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                // SQLSTATE classes: data exceptions (22, e.g. a NUL byte), integrity (23),
+                // syntax and access (42), program limits such as an oversized index row (54),
+                // raised by a trigger or function (P0). Others (connection, resources,
+                // shutdown, serialisation) are transient.
+                ["22", "23", "42", "54", "P0"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
+            } else {
+                // SQLite extended result codes; the primary code is the low byte: CONSTRAINT
+                // (19, a trigger's RAISE included), MISMATCH (20), TOOBIG (18), RANGE (25).
+                code.parse::<u32>()
+                    .is_ok_and(|c| matches!(c & 0xff, 18 | 19 | 20 | 25))
+            }
+        }
+        Some(sqlx::Error::Encode(_)) | Some(sqlx::Error::TypeNotFound { .. }) => true,
+        _ => false,
+    }
+}
+
 impl Store {
     /// Connects (creating a SQLite file when missing) and applies pending migrations.
     pub async fn open(url: &str) -> anyhow::Result<Store> {
@@ -259,6 +289,16 @@ impl Store {
             anyhow::bail!("database_url must start with sqlite: or postgres:");
         };
         Ok(Store { pool })
+    }
+
+    /// Runs one statement as it is (tests set up triggers and faults with it).
+    #[cfg(test)]
+    pub(crate) async fn execute_raw(&self, sql: &str) -> anyhow::Result<()> {
+        match &self.pool {
+            Pool::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop)?,
+            Pool::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop)?,
+        }
+        Ok(())
     }
 
     pub async fn close(&self) {

@@ -130,6 +130,11 @@ pub struct Limits {
     local: LocalCounters,
     hold: Duration,
     http: reqwest::Client,
+    /// The background runtime: settles run there, so they outlive the data plane's runtime at
+    /// shutdown.
+    background: tokio::runtime::Handle,
+    /// Settles not finished yet (shutdown waits for them).
+    settling: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn now_ms() -> i64 {
@@ -289,7 +294,22 @@ impl Limits {
             local: LocalCounters::default(),
             hold: policy.reservation_ttl,
             http,
+            background: tokio::runtime::Handle::current(),
+            settling: Default::default(),
         })
+    }
+
+    /// Waits until every settle started so far is done (or `timeout` passes); true when none
+    /// is left.
+    pub async fn settled(&self, timeout: Duration) -> bool {
+        let until = tokio::time::Instant::now() + timeout;
+        while self.settling.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 
     /// The live state of one of a tenant's budgets.
@@ -649,7 +669,16 @@ impl Limits {
             })
             .collect();
         let limits = self.clone();
-        tokio::spawn(async move {
+        let settling = self.settling.clone();
+        settling.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.background.spawn(async move {
+            struct Done(Arc<std::sync::atomic::AtomicUsize>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let _done = Done(settling);
             let mut pause = Duration::from_millis(100);
             for _ in 0..20 {
                 match limits

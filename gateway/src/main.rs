@@ -10,6 +10,7 @@ mod reload;
 mod router_eval;
 mod routing;
 mod serve;
+mod shutdown;
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()

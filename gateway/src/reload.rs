@@ -92,10 +92,13 @@ fn keep_restart_only_settings(old: &Policy, new: &mut Policy) {
         ledger_flush_interval,
         ledger_max_batch,
         ledger_spool_path,
+        ledger_journal_dir,
+        ledger_journal_max_bytes,
+        ledger_on_journal_full,
         ledger_retention_months,
         admin_listen,
         admin_token_env,
-        grace_period,
+        drain,
         shutdown_timeout
     );
 }

@@ -6,10 +6,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
-use tollgate_billing::ledger::{self, WriterOptions};
+use pingora::server::{RunArgs, Server};
+use tollgate_billing::ledger::{self, JournalOptions, WriterOptions};
 use tollgate_billing::store::Store;
 
 use crate::cli::{load_policy, redact_url};
@@ -17,6 +16,7 @@ use crate::config::Policy;
 use crate::keys::{self, KeyCache};
 use crate::limits::Limits;
 use crate::proxy::{AppState, Gateway};
+use crate::shutdown::{Drain, Finish, TerminateOnSignal};
 
 /// Every this many key refreshes, reload all keys instead of only the changes.
 const FULL_KEY_RELOAD_EVERY: u32 = 60;
@@ -38,28 +38,44 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
     let (store, keys, ledger, limits) =
         background.block_on(start_background(&policy, current.clone()))?;
 
+    // Pingora closes the listeners at the signal and then waits out its grace period; our
+    // drain (shutdown.rs) exits the process as soon as everything is billed, well within it.
+    let backstop = policy.drain + policy.shutdown_timeout * 3 + std::time::Duration::from_secs(5);
     let conf = ServerConf {
         threads: policy
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-        grace_period_seconds: Some(policy.grace_period.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(policy.shutdown_timeout.as_secs()),
+        grace_period_seconds: Some(backstop.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
+    let drain = Arc::new(Drain::default());
     let state = Arc::new(AppState {
         policy: current,
         keys,
         ledger: ledger.clone(),
         limits: limits.clone(),
         routing: crate::routing::Routing::new(),
+        drain: drain.clone(),
     });
+    background.spawn(
+        Finish {
+            drain: drain.clone(),
+            drain_for: policy.drain,
+            timeout: policy.shutdown_timeout,
+            ledger: ledger.clone(),
+            limits: limits.clone(),
+            store: store.clone(),
+        }
+        .run(),
+    );
     background.spawn(crate::reload::watch(
         config.to_path_buf(),
         state.clone(),
         store.clone(),
-        limits,
+        limits.clone(),
     ));
     if let Some(address) = policy.admin_listen {
         start_admin(
@@ -92,11 +108,13 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
     );
 
     server.run(RunArgs {
-        shutdown_signal: Box::new(TerminateOnSignal),
+        shutdown_signal: Box::new(TerminateOnSignal(drain)),
     });
 
+    // Reached only if the drain above did not exit first (it always should).
     background.block_on(async {
-        ledger.flush().await;
+        limits.settled(policy.shutdown_timeout).await;
+        ledger.flush(policy.shutdown_timeout).await;
         store.close().await;
     });
     tracing::info!("ledger flushed; bye");
@@ -177,9 +195,41 @@ async fn start_background(
     current: Arc<arc_swap::ArcSwap<Policy>>,
 ) -> anyhow::Result<(Store, Arc<KeyCache>, ledger::LedgerSender, Arc<Limits>)> {
     let store = Store::open(&policy.database_url).await?;
-    let replayed = ledger::replay_spool(&store, &policy.ledger_spool_path).await?;
-    if replayed > 0 {
-        tracing::info!(rows = replayed, "replayed spooled ledger rows");
+    // The journal first: rows an earlier run left (a crash, an outage at shutdown) reach the
+    // database before the counters are rebuilt from it.
+    let ledger = ledger::spawn_writer(
+        store.clone(),
+        WriterOptions {
+            max_batch: policy.ledger_max_batch,
+            journal: JournalOptions {
+                dir: policy.ledger_journal_dir.clone(),
+                max_bytes: policy.ledger_journal_max_bytes,
+                on_full: policy.ledger_on_journal_full,
+                flush_interval: policy.ledger_flush_interval,
+                max_batch: policy.ledger_max_batch,
+            },
+            legacy_spool: Some(policy.ledger_spool_path.clone()),
+        },
+    )?;
+    let left = ledger
+        .stats()
+        .journal_rows
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if left > 0 {
+        if ledger
+            .wait_written(std::time::Duration::from_secs(60))
+            .await
+        {
+            tracing::info!(rows = left, "replayed the ledger journal");
+        } else {
+            tracing::warn!(
+                rows = ledger
+                    .stats()
+                    .journal_rows
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                "ledger journal not fully replayed yet; it continues in the background"
+            );
+        }
     }
     if store.keys_changed_since(0).await?.is_empty() && policy.tenants.contains_key(DEMO_TENANT) {
         let keys::Created::New(record, secret) =
@@ -200,15 +250,6 @@ async fn start_background(
         keys.clone(),
         policy.key_refresh,
     ));
-    let ledger = ledger::spawn_writer(
-        store.clone(),
-        WriterOptions {
-            max_batch: policy.ledger_max_batch,
-            flush_interval: policy.ledger_flush_interval,
-            spool_path: policy.ledger_spool_path.clone(),
-            shutdown_deadline: std::time::Duration::from_secs(10),
-        },
-    );
     // Budget counters: this replica's own from the ledger now (nothing of ours is in flight);
     // shared ones whenever Redis turns out cold (first start, flush, restart).
     let limits = Arc::new(Limits::new(policy)?);
@@ -253,27 +294,5 @@ async fn refresh_keys(store: Store, keys: Arc<KeyCache>, every: std::time::Durat
         {
             tracing::warn!("key refresh failed (serving with the cached keys): {e:#}");
         }
-    }
-}
-
-/// SIGTERM and SIGINT both drain in-flight requests, so Ctrl-C never loses a ledger row.
-struct TerminateOnSignal;
-
-#[async_trait]
-impl ShutdownSignalWatch for TerminateOnSignal {
-    async fn recv(&self) -> ShutdownSignal {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::info!("shutting down: finishing in-flight requests");
-        ShutdownSignal::GracefulTerminate
     }
 }

@@ -112,9 +112,13 @@ async fn rows_survive_a_database_that_is_down_at_shutdown() {
     // The database disappears before the shutdown flush.
     drop_postgres(&pg_name).await;
     gw.stop();
-    let spool = std::fs::read_to_string(gw.dir.path().join("spool.jsonl")).expect("rows spooled");
-    assert_eq!(spool.lines().count(), 3);
-    // The database comes back (empty); the next start replays the spool exactly once.
+    let journal = gw.dir.path().join("tollgate-journal");
+    let journaled: usize = journal_segments(&journal)
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap().lines().count())
+        .sum();
+    assert_eq!(journaled, 3, "rows kept in the journal");
+    // The database comes back (empty); the next start replays the journal exactly once.
     let admin = std::env::var("TOLLGATE_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let pool = sqlx::PgPool::connect(&admin).await.unwrap();
@@ -127,7 +131,72 @@ async fn rows_survive_a_database_that_is_down_at_shutdown() {
     gw.restart().await;
     let rows = gw.ledger("acme", 3).await;
     assert!(rows.iter().all(|r| r.outcome == "ok"));
-    assert!(!gw.dir.path().join("spool.jsonl").exists());
+    let left: usize = journal_segments(&journal)
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap().lines().count())
+        .sum();
+    assert_eq!(left, 0, "replayed rows leave the journal");
     gw.stop();
     drop_postgres(&pg_name).await;
+}
+
+#[tokio::test]
+async fn a_spool_from_an_older_version_is_replayed_and_poison_never_stops_a_start() {
+    let mock = MockUpstream::start("alpha").await;
+    let mut gw = Gateway::start(&policy(&[("alpha", mock.base_url())], ""), None).await;
+    let key = gw.create_key("acme").await;
+    traffic(&gw, &key, 2).await;
+    let rows = gw.ledger("acme", 2).await;
+    gw.stop();
+    // An old spool (rows of another request id), with an unreadable line in it.
+    let mut spooled = rows[0].clone();
+    spooled.request_id = "spooled-1".into();
+    let spool = format!("{}\n{{not json\n", serde_json::to_string(&spooled).unwrap());
+    std::fs::write(gw.dir.path().join("spool.jsonl"), spool).unwrap();
+    // And a journal segment left by a crash: a row already in the database (replayed, not
+    // billed twice), a new row whose text holds a NUL, and a torn last line.
+    let mut nul = rows[1].clone();
+    nul.request_id = "journal-nul".into();
+    nul.model = "gpt-test\u{0}".into();
+    let segment = format!(
+        "{}\n{}\n{{\"request_id\":\"torn",
+        serde_json::to_string(&rows[0]).unwrap(),
+        serde_json::to_string(&nul).unwrap()
+    );
+    let journal = gw.dir.path().join("tollgate-journal");
+    std::fs::write(journal.join("segment-00000000000000000001.jsonl"), segment).unwrap();
+    gw.restart().await;
+    let rows = gw.ledger("acme", 4).await;
+    assert!(rows.iter().any(|r| r.request_id == "spooled-1"));
+    let cleaned = rows.iter().find(|r| r.request_id == "journal-nul").unwrap();
+    assert_eq!(cleaned.model, "gpt-test\u{FFFD}");
+    assert!(!gw.dir.path().join("spool.jsonl").exists());
+    let dead = std::fs::read_to_string(journal.join("dead-letters.jsonl")).unwrap();
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    assert!(
+        dead.contains("unreadable journal line") && dead.contains("{not json"),
+        "{dead}"
+    );
+    let health: serde_json::Value = reqwest::get(format!("{}/healthz", gw.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["ledger"]["dead_letters"], 1, "{health}");
+    assert_eq!(health["ledger"]["journal_rows"], 0, "{health}");
+    gw.stop();
+}
+
+fn journal_segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("segment-")
+        })
+        .collect()
 }

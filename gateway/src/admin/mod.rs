@@ -100,6 +100,7 @@ fn json_response(status: StatusCode, body: Value) -> Response {
 type Answer = Result<Response, ApiError>;
 
 pub fn router(state: Arc<AdminState>) -> Router {
+    let app = state.app.clone();
     let api = Router::new()
         .route("/admin/tenants", get(tenants))
         .route("/admin/tenants/{name}", get(tenant))
@@ -121,7 +122,92 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/", get(assets::index))
         .route("/dashboard", get(assets::index))
         .route("/assets/{file}", get(assets::asset))
+        .route("/metrics", get(metrics).with_state(app))
         .merge(api)
+}
+
+/// Prometheus text exposition of the ledger's health (no token: no tenant data in it).
+async fn metrics(axum::extract::State(app): axum::extract::State<Arc<AppState>>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = app.ledger.stats();
+    let lines = [
+        (
+            "tollgate_ledger_journal_rows",
+            "gauge",
+            "Ledger rows on local disk not yet in the database.",
+            stats.journal_rows.load(Relaxed) as f64,
+        ),
+        (
+            "tollgate_ledger_journal_bytes",
+            "gauge",
+            "Bytes of ledger journal segments on disk.",
+            stats.journal_bytes.load(Relaxed) as f64,
+        ),
+        (
+            "tollgate_ledger_write_lag_seconds",
+            "gauge",
+            "Age of the oldest journaled row not yet in the database.",
+            stats.write_lag_ms() as f64 / 1000.0,
+        ),
+        (
+            "tollgate_ledger_dead_letters_total",
+            "counter",
+            "Ledger rows the database refused, moved to the dead letters.",
+            stats.dead_letters.load(Relaxed) as f64,
+        ),
+        (
+            "tollgate_ledger_rows_lost_total",
+            "counter",
+            "Ledger rows dropped because the journal was full (fail_open).",
+            stats.lost_rows.load(Relaxed) as f64,
+        ),
+        (
+            "tollgate_ledger_rows_written_total",
+            "counter",
+            "Ledger rows written to the database.",
+            stats.written_rows.load(Relaxed) as f64,
+        ),
+        (
+            "tollgate_ledger_database_up",
+            "gauge",
+            "1 when the last ledger write reached the database.",
+            if stats.database_up.load(Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
+        ),
+        (
+            "tollgate_ledger_accepting",
+            "gauge",
+            "1 while new requests are served (0: journal full under fail_closed).",
+            if stats.accepting.load(Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
+        ),
+        (
+            "tollgate_requests_in_flight",
+            "gauge",
+            "Proxied requests in flight.",
+            app.drain.in_flight() as f64,
+        ),
+    ];
+    let mut body = String::new();
+    for (name, kind, help, value) in lines {
+        body.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// Serves the admin API until the process exits.

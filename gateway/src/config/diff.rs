@@ -156,6 +156,16 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
             format!("{:?}", new.ledger_retention_months),
         ),
         (
+            "ledger.journal_dir",
+            old.ledger_journal_dir.display().to_string(),
+            new.ledger_journal_dir.display().to_string(),
+        ),
+        (
+            "ledger.on_journal_full",
+            format!("{:?}", old.ledger_on_journal_full),
+            format!("{:?}", new.ledger_on_journal_full),
+        ),
+        (
             "max_body_bytes",
             old.max_body_bytes.to_string(),
             new.max_body_bytes.to_string(),

@@ -96,13 +96,35 @@ pub struct LedgerSection {
     pub flush_interval_ms: u64,
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
-    /// Rows that cannot reach the database at shutdown are appended here and replayed on start.
+    /// Deprecated: the spool file of versions before the journal. If it exists at start, its
+    /// rows are adopted into the journal and replayed.
     #[serde(default = "default_spool_path")]
     pub spool_path: String,
+    /// Directory of the local ledger journal: every row is appended and fsynced here (group
+    /// commits, at most `flush_interval_ms` after the response ends) before it goes to the
+    /// database, and removed once the database has it. One directory per running process.
+    #[serde(default = "default_journal_dir")]
+    pub journal_dir: String,
+    /// Most bytes the journal may hold while the database is away (default 256 MiB).
+    #[serde(default = "default_journal_max_bytes")]
+    pub journal_max_bytes: u64,
+    /// When the journal is full: `fail_closed` (default; new requests get 503
+    /// `ledger_unavailable`, nothing is served unbilled) or `fail_open` (serve; rows that do
+    /// not fit are dropped, logged and counted).
+    #[serde(default)]
+    pub on_journal_full: OnJournalFull,
     /// Postgres: keep this many whole months of raw ledger rows before the current one; older
     /// monthly partitions are dropped (rollups are kept). Unset: keep everything.
     #[serde(default)]
     pub retention_months: Option<u32>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnJournalFull {
+    #[default]
+    FailClosed,
+    FailOpen,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -139,10 +161,16 @@ fn default_admin_token_env() -> String {
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownSection {
-    /// After SIGTERM/SIGINT: seconds to keep serving in-flight requests.
-    #[serde(default = "default_grace_secs")]
-    pub grace_period_secs: u64,
-    /// Then: seconds the runtimes get to stop.
+    /// After SIGTERM/SIGINT (the listener closes at once): seconds in-flight requests get to
+    /// finish. Streams still running then are ended with an error event and `[DONE]` and
+    /// billed for what the client received.
+    #[serde(default)]
+    pub drain_secs: Option<u64>,
+    /// Deprecated name of `drain_secs`.
+    #[serde(default)]
+    pub grace_period_secs: Option<u64>,
+    /// Then: seconds the cut requests get to end and the ledger to reach the database (rows
+    /// it cannot write in time stay in the journal for the next start).
     #[serde(default = "default_shutdown_timeout_secs")]
     pub timeout_secs: u64,
 }
@@ -362,6 +390,9 @@ impl Default for LedgerSection {
             flush_interval_ms: default_flush_interval_ms(),
             max_batch: default_max_batch(),
             spool_path: default_spool_path(),
+            journal_dir: default_journal_dir(),
+            journal_max_bytes: default_journal_max_bytes(),
+            on_journal_full: Default::default(),
             retention_months: None,
         }
     }
@@ -370,7 +401,8 @@ impl Default for LedgerSection {
 impl Default for ShutdownSection {
     fn default() -> Self {
         ShutdownSection {
-            grace_period_secs: default_grace_secs(),
+            drain_secs: None,
+            grace_period_secs: None,
             timeout_secs: default_shutdown_timeout_secs(),
         }
     }
@@ -397,8 +429,14 @@ fn default_max_batch() -> usize {
 fn default_spool_path() -> String {
     "tollgate-ledger-spool.jsonl".into()
 }
-fn default_grace_secs() -> u64 {
-    5
+fn default_journal_dir() -> String {
+    "tollgate-journal".into()
+}
+fn default_journal_max_bytes() -> u64 {
+    256 << 20
+}
+pub fn default_drain_secs() -> u64 {
+    30
 }
 fn default_shutdown_timeout_secs() -> u64 {
     5

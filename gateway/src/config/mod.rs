@@ -84,11 +84,15 @@ pub struct Policy {
     pub ledger_flush_interval: Duration,
     pub ledger_max_batch: usize,
     pub ledger_spool_path: PathBuf,
+    pub ledger_journal_dir: PathBuf,
+    pub ledger_journal_max_bytes: u64,
+    pub ledger_on_journal_full: tollgate_billing::ledger::OnFull,
     pub ledger_retention_months: Option<u32>,
     /// Where the admin API listens (`None`: disabled) and where its token comes from.
     pub admin_listen: Option<SocketAddr>,
     pub admin_token_env: String,
-    pub grace_period: Duration,
+    /// After a shutdown signal: how long in-flight requests get before streams are cut.
+    pub drain: Duration,
     pub shutdown_timeout: Duration,
     pub backends: Vec<Arc<Backend>>,
     /// Public model name -> model, in file order for `/v1/models`.
@@ -479,6 +483,21 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
     if file.max_body_bytes == 0 || file.max_body_bytes > 1 << 30 {
         errors.add("max_body_bytes", "must be between 1 and 1073741824");
     }
+    if file.ledger.journal_max_bytes < 1 << 20 {
+        errors.add(
+            "ledger.journal_max_bytes",
+            "must be at least 1 MiB (1048576)",
+        );
+    }
+    if file.ledger.journal_dir.trim().is_empty() {
+        errors.add("ledger.journal_dir", "must not be empty");
+    }
+    if file.shutdown.drain_secs.is_some() && file.shutdown.grace_period_secs.is_some() {
+        errors.add(
+            "shutdown.grace_period_secs",
+            "is the old name of `drain_secs`; set only `drain_secs`",
+        );
+    }
     if file.ledger.max_batch == 0 {
         errors.add("ledger.max_batch", "must be at least 1");
     }
@@ -831,10 +850,21 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
         ledger_flush_interval: Duration::from_millis(file.ledger.flush_interval_ms.max(1)),
         ledger_max_batch: file.ledger.max_batch,
         ledger_spool_path: PathBuf::from(file.ledger.spool_path),
+        ledger_journal_dir: PathBuf::from(file.ledger.journal_dir),
+        ledger_journal_max_bytes: file.ledger.journal_max_bytes,
+        ledger_on_journal_full: match file.ledger.on_journal_full {
+            file::OnJournalFull::FailClosed => tollgate_billing::ledger::OnFull::FailClosed,
+            file::OnJournalFull::FailOpen => tollgate_billing::ledger::OnFull::FailOpen,
+        },
         ledger_retention_months: file.ledger.retention_months,
         admin_listen,
         admin_token_env: file.admin.token_env,
-        grace_period: Duration::from_secs(file.shutdown.grace_period_secs),
+        drain: Duration::from_secs(
+            file.shutdown
+                .drain_secs
+                .or(file.shutdown.grace_period_secs)
+                .unwrap_or_else(file::default_drain_secs),
+        ),
         shutdown_timeout: Duration::from_secs(file.shutdown.timeout_secs),
         backends,
         models,

@@ -60,6 +60,31 @@ impl ApiError {
         Self::new(400, "invalid_request_error", "invalid_request", message)
     }
 
+    /// The ledger cannot take more rows (journal full or unwritable under `fail_closed`):
+    /// serving would mean serving unbilled.
+    pub fn ledger_unavailable() -> Self {
+        let mut error = Self::new(
+            503,
+            "server_error",
+            "ledger_unavailable",
+            "The gateway cannot record usage right now, so it is not serving requests. Retry shortly.",
+        );
+        error.retry_after = Some(5);
+        error
+    }
+
+    /// The gateway is shutting down and ended this request before an answer was chosen.
+    pub fn shutting_down() -> Self {
+        let mut error = Self::new(
+            503,
+            "server_error",
+            "shutting_down",
+            "The gateway is shutting down; retry the request.",
+        );
+        error.retry_after = Some(1);
+        error
+    }
+
     pub fn invalid_json(detail: impl std::fmt::Display) -> Self {
         Self::new(
             400,

@@ -52,6 +52,8 @@ pub struct AppState {
     pub ledger: LedgerSender,
     pub limits: Arc<Limits>,
     pub routing: Routing,
+    /// In-flight requests and the shutdown's phases.
+    pub drain: Arc<crate::shutdown::Drain>,
 }
 
 pub struct Gateway {
@@ -113,8 +115,8 @@ impl Gateway {
         let path = session.req_header().uri.path().to_string();
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => {
-                let body = Bytes::from_static(b"{\"status\":\"ok\"}");
-                write_whole(session, 200, "application/json", body, &request_id, &[]).await;
+                let (status, body) = self.health();
+                write_whole(session, status, "application/json", body, &request_id, &[]).await;
             }
             ("GET", "/v1/models") => match self.authenticate(session) {
                 Ok(key) => {
@@ -146,6 +148,38 @@ impl Gateway {
                 None => send_error(session, &ApiError::not_found(&path), &request_id).await,
             },
         }
+    }
+
+    /// `/healthz`: 200 while serving (`ok`, or `degraded` while the database is away and rows
+    /// wait in the journal), 503 while draining or refusing requests for want of a ledger.
+    fn health(&self) -> (u16, Bytes) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = self.state.ledger.stats();
+        let database_up = stats.database_up.load(Relaxed);
+        let accepting = stats.accepting.load(Relaxed);
+        let (status, word) = if self.state.drain.is_draining() {
+            (503, "draining")
+        } else if !accepting {
+            (503, "ledger_unavailable")
+        } else if !database_up {
+            (200, "degraded")
+        } else {
+            (200, "ok")
+        };
+        let body = json!({
+            "status": word,
+            "ledger": {
+                "journal_rows": stats.journal_rows.load(Relaxed),
+                "journal_bytes": stats.journal_bytes.load(Relaxed),
+                "write_lag_ms": stats.write_lag_ms(),
+                "dead_letters": stats.dead_letters.load(Relaxed),
+                "lost_rows": stats.lost_rows.load(Relaxed),
+                "database": if database_up { "ok" } else { "unreachable" },
+                "accepting": accepting,
+            },
+            "in_flight": self.state.drain.in_flight(),
+        });
+        (status, Bytes::from(body.to_string()))
     }
 
     fn authenticate(&self, session: &Session) -> Result<Arc<KeyInfo>, ApiError> {
@@ -185,6 +219,7 @@ impl Gateway {
     }
 
     async fn proxy(&self, session: &mut Session, endpoint: Endpoint, request_id: String) {
+        let _in_flight = self.state.drain.enter();
         let key = match self.authenticate(session) {
             Ok(key) => key,
             Err(error) => return send_error(session, &error, &request_id).await,
@@ -227,6 +262,10 @@ impl Gateway {
                 meter.outcome = "upstream_error";
             }
             send_error(session, &error, &meter.request_id).await;
+            if error.code == "ledger_unavailable" {
+                // The journal has no room for it, and nothing was served or reserved.
+                return;
+            }
         }
         if let Some(admission) = admission {
             let ended_ms = meter.end();
@@ -246,6 +285,9 @@ impl Gateway {
         meter: &mut Meter,
         admission: &mut Option<Admission>,
     ) -> Result<(), ApiError> {
+        if !self.state.ledger.accepting() {
+            return Err(ApiError::ledger_unavailable());
+        }
         let body = read_body(session, policy.max_body_bytes).await?;
         let request = ClientRequest::parse(endpoint, &body)?;
         drop(body);
@@ -358,6 +400,11 @@ impl Gateway {
         let chosen = tokio::select! {
             chosen = self.choose(&request, &model, meter, inject_cap) => Some(chosen?),
             () = client_gone(session) => None,
+            () = self.state.drain.cut_now() => {
+                // Nothing reached the client: it is told to retry and billed nothing.
+                meter.outcome = "shutdown";
+                return Err(ApiError::shutting_down());
+            }
         };
         match chosen {
             None => {
@@ -581,7 +628,18 @@ impl Gateway {
                     .get_or_insert_with(|| meter.started.elapsed());
             }
             delivered_end = relay.generated_text.len();
-            match exchange.read().await {
+            let next = tokio::select! {
+                next = exchange.read() => next,
+                () = self.state.drain.cut_now() => {
+                    meter.outcome = "shutdown";
+                    let event = format!("data: {}\n\ndata: [DONE]\n\n", shutdown_cut_event());
+                    let _ = session
+                        .write_response_body(Some(Bytes::from(event)), true)
+                        .await;
+                    break;
+                }
+            };
+            match next {
                 Ok(Some(next)) => chunk = next,
                 Ok(None) => {
                     let tail = relay.finish();
@@ -652,6 +710,12 @@ struct Flight<'a> {
     tenant: &'a Tenant,
     headers: &'a [(&'static str, String)],
     wants_usage: bool,
+}
+
+fn shutdown_cut_event() -> Value {
+    json!({"error": {
+        "message": "The gateway is shutting down; the response was cut here and billed up to this point.",
+        "type": "server_error", "param": null, "code": "shutting_down"}})
 }
 
 fn budget_cut_event() -> Value {

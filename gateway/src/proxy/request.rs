@@ -42,6 +42,9 @@ impl Endpoint {
     }
 }
 
+/// Longest model name accepted (it is stored on the ledger row and echoed in errors).
+pub const MAX_MODEL_BYTES: usize = 256;
+
 #[derive(Debug)]
 pub struct ClientRequest {
     pub endpoint: Endpoint,
@@ -61,6 +64,18 @@ impl ClientRequest {
             ));
         };
         let model = match body.get("model") {
+            Some(Value::String(m)) if m.len() > MAX_MODEL_BYTES => {
+                return Err(ApiError::bad_request(format!(
+                    "`model` is longer than {MAX_MODEL_BYTES} bytes."
+                ))
+                .with_param("model"))
+            }
+            Some(Value::String(m)) if m.chars().any(char::is_control) => {
+                return Err(
+                    ApiError::bad_request("`model` must not contain control characters.")
+                        .with_param("model"),
+                )
+            }
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
             Some(Value::String(_)) | None | Some(Value::Null) => {
                 return Err(ApiError::bad_request("You must provide a model parameter.")
@@ -257,6 +272,29 @@ mod tests {
 
     fn parse(endpoint: Endpoint, body: &str) -> Result<ClientRequest, ApiError> {
         ClientRequest::parse(endpoint, body.as_bytes())
+    }
+
+    #[test]
+    fn refuses_model_names_that_cannot_be_stored() {
+        let chat = Endpoint::ChatCompletions;
+        let long = "m".repeat(MAX_MODEL_BYTES + 1);
+        for model in ["x\\u0000", "gpt\\u0007", "a\\nb", "\\u009f", long.as_str()] {
+            let body =
+                format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"x"}}]}}"#);
+            let error = parse(chat, &body).unwrap_err();
+            assert_eq!((error.status, error.param), (400, Some("model")), "{model}");
+        }
+        // A lone surrogate is not valid UTF-8 text: refused by the JSON parser.
+        let body = r#"{"model":"\ud800","messages":[{"role":"user","content":"x"}]}"#;
+        assert_eq!(parse(chat, body).unwrap_err().status, 400);
+        let ok = "m".repeat(MAX_MODEL_BYTES);
+        let body = format!(r#"{{"model":"{ok}","messages":[{{"role":"user","content":"x"}}]}}"#);
+        assert!(parse(chat, &body).is_ok());
+        assert!(parse(
+            chat,
+            r#"{"model":"gpt-4o-mini é","messages":[{"role":"user","content":"x"}]}"#
+        )
+        .is_ok());
     }
 
     #[test]

@@ -52,7 +52,7 @@ impl Gateway {
         let config = dir.path().join("tollgate.yaml");
         let text = format!(
             "listen: [\"127.0.0.1:{port}\"]\ndatabase_url: {database_url}\nkey_refresh_ms: 100\nthreads: 2\n\
-             shutdown: {{ grace_period_secs: 0, timeout_secs: 2 }}\n\
+             shutdown: {{ drain_secs: 0, timeout_secs: 2 }}\n\
              ledger: {{ flush_interval_ms: 50, spool_path: {} }}\n\
              admin: {{ listen: \"127.0.0.1:{admin_port}\" }}\n{policy}",
             dir.path().join("spool.jsonl").display()
