@@ -358,6 +358,88 @@ impl Writer {
     }
 }
 
+/// What `retry_dead_letters` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Retried {
+    /// Rows the database now has (inserted, or there already).
+    pub written: usize,
+    /// Rows refused again, or unreadable: back in the dead letters with the new error.
+    pub refused: usize,
+}
+
+/// Offers every dead-lettered row of the journal in `dir` to the database again (after the
+/// cause was fixed). Safe while `serve` runs: the file is renamed first, so rows the gateway
+/// dead-letters meanwhile go to a new file and are never lost or retried twice.
+pub async fn retry_dead_letters(store: &Store, dir: &std::path::Path) -> anyhow::Result<Retried> {
+    use std::io::Write;
+    let path = dir.join(journal::DEAD_LETTERS);
+    let taken = dir.join(format!(
+        "dead-letters.retrying-{}.jsonl",
+        chrono::Utc::now().timestamp_millis()
+    ));
+    match std::fs::rename(&path, &taken) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Retried::default()),
+        Err(e) => return Err(e.into()),
+    }
+    let text = std::fs::read_to_string(&taken)?;
+    let mut outcome = Retried::default();
+    let mut again = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        let row = entry
+            .get("row")
+            .cloned()
+            .and_then(|row| serde_json::from_value::<LedgerRow>(row).ok());
+        let Some(mut row) = row else {
+            outcome.refused += 1;
+            again.push(line.to_string());
+            continue;
+        };
+        row.sanitize();
+        match store.insert_ledger_rows(std::slice::from_ref(&row)).await {
+            Ok(()) => outcome.written += 1,
+            Err(e) if crate::store::is_refusal(&e) => {
+                outcome.refused += 1;
+                again.push(
+                    serde_json::json!({
+                        "at_ms": chrono::Utc::now().timestamp_millis(),
+                        "error": format!("{e:#}"),
+                        "row": row,
+                        "line": null,
+                    })
+                    .to_string(),
+                );
+            }
+            Err(e) => {
+                // The database is not there: put everything back untouched.
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)?;
+                file.write_all(text.as_bytes())?;
+                file.sync_data()?;
+                std::fs::remove_file(&taken)?;
+                return Err(
+                    e.context("the database is unreachable; dead letters left as they were")
+                );
+            }
+        }
+    }
+    if !again.is_empty() {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        for line in &again {
+            writeln!(file, "{line}")?;
+        }
+        file.sync_data()?;
+    }
+    std::fs::remove_file(&taken)?;
+    Ok(outcome)
+}
+
 /// Reads up to `max` complete lines from a durable stretch of a segment.
 fn read_lines(pending: &journal::Pending, max: usize) -> std::io::Result<Vec<Line>> {
     use std::io::{BufRead, BufReader, Seek, SeekFrom};

@@ -185,6 +185,18 @@ async fn a_spool_from_an_older_version_is_replayed_and_poison_never_stops_a_star
         .unwrap();
     assert_eq!(health["ledger"]["dead_letters"], 1, "{health}");
     assert_eq!(health["ledger"]["journal_rows"], 0, "{health}");
+    // The operator's view of the dead letters (the journal path is relative to the gateway's
+    // working directory, as for `serve`).
+    let listed = std::process::Command::new(crate::harness::gateway::BIN)
+        .arg("--config")
+        .arg(&gw.config)
+        .args(["ledger", "dead-letters"])
+        .current_dir(gw.dir.path())
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("1 dead-lettered rows"), "{listed}");
+    assert!(listed.contains("unreadable journal line"), "{listed}");
     gw.stop();
 }
 

@@ -105,6 +105,28 @@ async fn a_refused_row_is_dead_lettered_and_never_blocks_the_others() {
     ledger.record(row("after", "acme"));
     assert!(ledger.flush(Duration::from_secs(10)).await);
     assert_eq!(store.ledger_rows("acme").await.unwrap().len(), 30);
+
+    // Retried while the cause remains: refused again, kept. Once fixed: written, gone.
+    let journal = dir.path().join("journal");
+    let retried = retry_dead_letters(&store, &journal).await.unwrap();
+    assert_eq!(
+        retried,
+        Retried {
+            written: 0,
+            refused: 1
+        }
+    );
+    store.execute_raw("DROP TRIGGER refuse").await.unwrap();
+    let retried = retry_dead_letters(&store, &journal).await.unwrap();
+    assert_eq!(
+        retried,
+        Retried {
+            written: 1,
+            refused: 0
+        }
+    );
+    assert_eq!(store.ledger_rows("poison").await.unwrap().len(), 1);
+    assert!(!journal.join(journal::DEAD_LETTERS).exists());
 }
 
 #[tokio::test]

@@ -46,6 +46,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The ledger journal of this host's gateway (`ledger.journal_dir`).
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
     /// Complexity routing tools.
     Router {
         #[command(subcommand)]
@@ -71,6 +76,16 @@ enum ConfigCommand {
         /// One JSON object per change instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// List the rows the database refused (kept in `<journal_dir>/dead-letters.jsonl`), by
+    /// error; with `--retry`, offer them to the database again (after fixing the cause).
+    DeadLetters {
+        #[arg(long)]
+        retry: bool,
     },
 }
 
@@ -212,6 +227,9 @@ async fn other(config: &Path, command: Command) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         }
         Command::Keys { command } => admin::keys(&policy, &store, command).await?,
+        Command::Ledger {
+            command: LedgerCommand::DeadLetters { retry },
+        } => dead_letters(&policy, &store, retry).await?,
         Command::Admin(command) => admin::run(&policy, &store, command).await?,
         Command::Serve | Command::Config { .. } | Command::Router { .. } => {
             unreachable!("handled in run()")
@@ -219,6 +237,37 @@ async fn other(config: &Path, command: Command) -> anyhow::Result<ExitCode> {
     };
     store.close().await;
     Ok(code)
+}
+
+async fn dead_letters(policy: &Policy, store: &Store, retry: bool) -> anyhow::Result<ExitCode> {
+    let dir = &policy.ledger_journal_dir;
+    if retry {
+        let done = tollgate_billing::ledger::retry_dead_letters(store, dir).await?;
+        println!(
+            "{} rows written to the database, {} refused again (kept in {})",
+            done.written,
+            done.refused,
+            dir.join("dead-letters.jsonl").display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let text = match std::fs::read_to_string(dir.join("dead-letters.jsonl")) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let mut by_error = std::collections::BTreeMap::<String, usize>::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        let error = entry["error"].as_str().unwrap_or("unreadable entry");
+        *by_error.entry(error.to_string()).or_default() += 1;
+    }
+    let total: usize = by_error.values().sum();
+    println!("{total} dead-lettered rows in {}", dir.display());
+    for (error, n) in by_error {
+        println!("{n:>8}  {error}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A database URL without its password, for messages.
