@@ -668,6 +668,10 @@ impl Limits {
                 ..p.charge.clone()
             })
             .collect();
+        if !admission.local && self.shared.is_some() {
+            // This replica's own counters keep its spend, for fail_open while Redis is away.
+            self.local.mirror(&charges);
+        }
         let limits = self.clone();
         let settling = self.settling.clone();
         settling.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -679,20 +683,40 @@ impl Limits {
                 }
             }
             let _done = Done(settling);
-            let mut pause = Duration::from_millis(100);
-            for _ in 0..20 {
-                match limits
-                    .store(admission.local)
-                    .settle(&admission.tag, &request_id, &charges, ended_ms)
-                    .await
-                {
-                    Ok(totals) => return limits.alert(&admission, &charges, &totals).await,
-                    Err(e) => tracing::warn!(%request_id, "settle failed, retrying: {e}"),
+            // The store that reserved settles first (its totals drive the alerts). A request
+            // admitted on this replica's counters while Redis was away is also settled in Redis
+            // once it is back: the script ignores it if the rebuild's ledger sum has it.
+            let stores = if admission.local && limits.shared.is_some() {
+                vec![true, false]
+            } else {
+                vec![admission.local]
+            };
+            for (i, local) in stores.into_iter().enumerate() {
+                let mut pause = Duration::from_millis(100);
+                let mut done = false;
+                for _ in 0..20 {
+                    match limits
+                        .store(local)
+                        .settle(&admission.tag, &request_id, &charges, ended_ms)
+                        .await
+                    {
+                        Ok(totals) => {
+                            if i == 0 {
+                                limits.alert(&admission, &charges, &totals).await;
+                            }
+                            done = true;
+                            break;
+                        }
+                        Err(e) => tracing::warn!(%request_id, "settle failed, retrying: {e}"),
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
                 }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(30));
+                if !done {
+                    tracing::error!(%request_id, "settle abandoned; the hold expires on its own");
+                    return;
+                }
             }
-            tracing::error!(%request_id, "settle abandoned; the hold expires on its own");
         });
     }
 }

@@ -6,6 +6,7 @@ mod admin;
 mod budgets;
 mod cli;
 mod errors;
+mod faults;
 mod harness;
 mod ledger;
 mod local_backend;

@@ -63,6 +63,20 @@ impl State {
     }
 }
 
+impl LocalCounters {
+    /// Adds usage that was reserved and settled in another store (Redis) for a request of this
+    /// replica, so that these counters keep knowing this replica's spend: they are what
+    /// `fail_open` enforces when Redis is away. Called once per request; no hold involved.
+    pub fn mirror(&self, charges: &[Charge]) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for charge in charges {
+            let counter = state.counters.entry(charge.counter.clone()).or_default();
+            counter.window_end_ms = charge.window_end_ms;
+            counter.used += charge.amount;
+        }
+    }
+}
+
 #[async_trait]
 impl Counters for LocalCounters {
     async fn reserve(

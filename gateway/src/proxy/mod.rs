@@ -497,6 +497,19 @@ impl Gateway {
             let content_type = exchange.header("content-type");
             let retry_after = exchange.header("retry-after");
             match exchange.read_to_end(MAX_RESPONSE_BYTES).await {
+                Ok(body)
+                    if (200..300).contains(&status)
+                        && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() =>
+                {
+                    // A success whose body is cut or garbled serves the client nothing:
+                    // another backend may still answer, else a clear 502. Billed nothing.
+                    tracing::warn!(request_id = %meter.request_id, backend = exchange.backend_name(), status, "backend answered with a body that is not valid JSON");
+                    last_error = Some(AttemptError::Malformed(format!(
+                        "backend `{}` answered {status} with a body that is not valid JSON",
+                        exchange.backend_name()
+                    )));
+                    exchange.finish().await;
+                }
                 Ok(body) => {
                     exchange.finish().await;
                     return Ok(Chosen::Whole {
@@ -516,6 +529,9 @@ impl Gateway {
             Some(AttemptError::Timeout(detail)) => {
                 ApiError::gateway_timeout(format!("No backend answered in time ({detail})."))
             }
+            Some(AttemptError::Malformed(detail)) => ApiError::bad_gateway(format!(
+                "The backend's answer could not be read ({detail})."
+            )),
             Some(AttemptError::Connect(detail)) => {
                 ApiError::bad_gateway(format!("No backend could serve the request ({detail})."))
             }

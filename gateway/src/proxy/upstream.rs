@@ -28,6 +28,8 @@ pub enum AttemptError {
     Connect(String),
     /// No response header, or no body bytes, within the backend's timeouts.
     Timeout(String),
+    /// A success whose body is not what the API promises (e.g. truncated JSON).
+    Malformed(String),
 }
 
 impl AttemptError {
