@@ -135,6 +135,22 @@ fn stop(mut child: std::process::Child) {
     let _ = child.wait();
 }
 
+/// User + system CPU time of a process so far, in clock ticks (`/proc/<pid>/stat`).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at state; utime and stime
+    // are the 14th and 15th fields overall.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -275,8 +291,15 @@ async fn main() {
             ("baseline binary", &before_url, &before_keys[0]),
             ("this build", &after_url, &after_keys[0]),
         ];
+        let pids = [None, Some(before.id()), Some(after.id())];
         let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
+        let mut cpu_start = [0u64; 3];
         for i in 0..ROUNDS * 2 + 50 {
+            if i == 50 {
+                for (j, pid) in pids.iter().enumerate() {
+                    cpu_start[j] = pid.map_or(0, cpu_ticks);
+                }
+            }
             for (j, (_, url, key)) in paths.iter().enumerate() {
                 let t = time_request(&client, url, key, &body, false).await;
                 if i >= 50 {
@@ -284,21 +307,33 @@ async fn main() {
                 }
             }
         }
+        let ticks_per_sec = 100.0; // USER_HZ on Linux
+        let cpu_us: Vec<Option<f64>> = pids
+            .iter()
+            .enumerate()
+            .map(|(j, pid)| {
+                pid.map(|pid| {
+                    (cpu_ticks(pid) - cpu_start[j]) as f64 / ticks_per_sec * 1e6
+                        / (ROUNDS * 2) as f64
+                })
+            })
+            .collect();
         println!();
-        println!("| build (concurrency 1, ~300-token chat) | p50 | p99 | added p50 vs direct | added p99 vs direct |");
-        println!("|---|---|---|---|---|");
+        println!("| build (concurrency 1, ~300-token chat) | p50 | p99 | added p50 vs direct | added p99 vs direct | gateway CPU per request |");
+        println!("|---|---|---|---|---|---|");
         for s in &mut samples {
             s.sort();
         }
         let (base50, base99) = (percentile(&samples[0], 0.5), percentile(&samples[0], 0.99));
-        for ((name, _, _), s) in paths.iter().zip(&samples) {
+        for (((name, _, _), s), cpu) in paths.iter().zip(&samples).zip(&cpu_us) {
             let (p50, p99) = (percentile(s, 0.5), percentile(s, 0.99));
             println!(
-                "| {name} | {:.0} µs | {:.0} µs | {:+.0} µs | {:+.0} µs |",
+                "| {name} | {:.0} µs | {:.0} µs | {:+.0} µs | {:+.0} µs | {} |",
                 us(p50),
                 us(p99),
                 us(p50) - us(base50),
-                us(p99) - us(base99)
+                us(p99) - us(base99),
+                cpu.map_or("-".to_string(), |c| format!("{c:.0} µs"))
             );
         }
         stop(after);

@@ -141,7 +141,7 @@ pub struct Routing {
 /// Tuning for the ledger.
 #[derive(Debug, Clone)]
 pub struct WriterOptions {
-    pub max_batch: usize,
+    /// The journal; its `max_batch` is also the size of the database writer's batches.
     pub journal: JournalOptions,
     /// A spool file left by an older version: adopted into the journal at start.
     pub legacy_spool: Option<PathBuf>,
@@ -177,18 +177,41 @@ impl LedgerSender {
     }
 
     /// Makes every row recorded before this call durable in the journal (one group commit now).
-    pub async fn sync(&self) {
+    /// False when some could not be written (the disk refuses) or `timeout` passed.
+    pub async fn sync(&self, timeout: Duration) -> bool {
         let (tx, rx) = std::sync::mpsc::channel();
-        if self.appender.tx.send(journal::Message::Sync(tx)).is_ok() {
-            let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
+        if self.appender.tx.send(journal::Message::Sync(tx)).is_err() {
+            return false;
         }
+        tokio::task::spawn_blocking(move || rx.recv_timeout(timeout))
+            .await
+            .is_ok_and(|answer| answer == Ok(true))
     }
 
-    /// Makes every row recorded so far durable, then waits (until `deadline`) for the database
-    /// to have them. True when it does; otherwise they stay in the journal for the next start.
+    /// For the end of the process: makes every row recorded so far durable (retrying a disk
+    /// that refuses until `deadline`; rows it never took are written to the log as a last
+    /// resort), then waits for the database to have them. True when it does; otherwise they
+    /// stay in the journal for the next start.
     pub async fn flush(&self, deadline: Duration) -> bool {
-        self.sync().await;
-        self.wait_written(deadline).await
+        let until = Instant::now() + deadline;
+        while !self
+            .sync(until.saturating_duration_since(Instant::now()))
+            .await
+        {
+            if Instant::now() >= until {
+                let (tx, rx) = std::sync::mpsc::channel();
+                if self.appender.tx.send(journal::Message::Abandon(tx)).is_ok() {
+                    let _ = tokio::task::spawn_blocking(move || {
+                        rx.recv_timeout(Duration::from_secs(5))
+                    })
+                    .await;
+                }
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.wait_written(until.saturating_duration_since(Instant::now()))
+            .await
     }
 
     /// Waits until the database has every journaled row, or `timeout` passes.
@@ -215,7 +238,8 @@ pub fn spawn_writer(store: Store, options: WriterOptions) -> anyhow::Result<Ledg
         Writer {
             store,
             shared: shared.clone(),
-            max_batch: options.max_batch.max(1),
+            max_batch: options.journal.max_batch.max(1),
+            refused_in_a_row: Default::default(),
         }
         .run(),
     );
@@ -226,11 +250,17 @@ pub fn spawn_writer(store: Store, options: WriterOptions) -> anyhow::Result<Ledg
     })
 }
 
+/// After this many rows refused one after the other, the writer checks whether the database
+/// refuses everything before dead-lettering more.
+const REFUSALS_BEFORE_PROBING: usize = 20;
+
 /// Reads journal segments back and puts their rows in the database.
 struct Writer {
     store: Store,
     shared: Arc<journal::Shared>,
     max_batch: usize,
+    /// Rows refused one after the other (across attempts), none accepted since.
+    refused_in_a_row: std::sync::atomic::AtomicUsize,
 }
 
 /// A line read back from the journal, and where it ends.
@@ -298,23 +328,33 @@ impl Writer {
         cursor: &mut (u64, u64),
     ) -> anyhow::Result<()> {
         let Some(last) = lines.last() else {
-            return Ok(());
+            // Durable bytes that read as no line: the segment was damaged under us. Never
+            // skip it silently; say so and retry (slowly).
+            anyhow::bail!(
+                "journal segment {} has {} durable bytes that cannot be read back",
+                pending.path.display(),
+                pending.to - pending.from
+            );
         };
         let rows: Vec<LedgerRow> = lines.iter().filter_map(|l| l.row.clone().ok()).collect();
-        let result = self.store.insert_ledger_rows(&rows).await;
-        match result {
-            Ok(()) if rows.len() == lines.len() => {
+        let batch_written = match self.store.insert_ledger_rows(&rows).await {
+            Ok(()) => {
                 self.written(rows.len());
-                self.advance(pending, cursor, last.end, rows.len() as u64);
-                return Ok(());
+                if rows.len() == lines.len() {
+                    self.advance(pending, cursor, last.end, rows.len() as u64);
+                    return Ok(());
+                }
+                true
             }
-            Ok(()) => {}
             Err(e) if !crate::store::is_refusal(&e) => return Err(e),
-            Err(_) => {}
-        }
+            Err(_) => false,
+        };
         // Something in the batch was refused (or unreadable): row by row, dead-lettering the
-        // rows the database refuses on their own.
-        for line in lines {
+        // rows the database refuses on their own. After many refusals in a row, rows further
+        // on are tried first: if the database takes one, the refused rows are poison; if it
+        // refuses them all, it refuses everything (a schema or permission problem, a read-only
+        // database): an outage, retried, never a reason to empty the journal.
+        for (i, line) in lines.iter().enumerate() {
             match &line.row {
                 Err(_) if line.text.is_empty() => {}
                 Err(parse_error) => {
@@ -322,26 +362,58 @@ impl Writer {
                         None,
                         Some(&line.text),
                         &format!("unreadable journal line: {parse_error}"),
-                    );
+                    )?;
                 }
-                Ok(row) => {
-                    if let Err(e) = self
-                        .store
-                        .insert_ledger_rows(std::slice::from_ref(row))
-                        .await
-                    {
-                        if !crate::store::is_refusal(&e) {
-                            return Err(e);
-                        }
-                        self.shared.dead_letter(Some(row), None, &format!("{e:#}"));
-                    } else {
+                Ok(_) if batch_written => {}
+                Ok(row) => match self
+                    .store
+                    .insert_ledger_rows(std::slice::from_ref(row))
+                    .await
+                {
+                    Ok(()) => {
+                        self.refused_in_a_row.store(0, Ordering::Relaxed);
                         self.written(1);
                     }
-                }
+                    Err(e) if !crate::store::is_refusal(&e) => return Err(e),
+                    Err(e) => {
+                        let streak = self.refused_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+                        if streak >= REFUSALS_BEFORE_PROBING
+                            && !self.accepts_any(&lines[i + 1..]).await?
+                        {
+                            return Err(e.context(format!(
+                                "the database refused {streak} rows in a row and every row tried after them; treating it as an outage, not as poison"
+                            )));
+                        }
+                        self.shared
+                            .dead_letter(Some(row), None, &format!("{e:#}"))?;
+                    }
+                },
             }
             self.advance(pending, cursor, line.end, 1);
         }
         Ok(())
+    }
+
+    /// Tries a few of `rest` (inserting a row early is harmless: inserts are idempotent).
+    /// True as soon as the database takes one.
+    async fn accepts_any(&self, rest: &[Line]) -> anyhow::Result<bool> {
+        let candidates: Vec<&LedgerRow> = rest.iter().filter_map(|l| l.row.as_ref().ok()).collect();
+        let step = (candidates.len() / 3).max(1);
+        for row in candidates.iter().rev().step_by(step).take(3) {
+            match self
+                .store
+                .insert_ledger_rows(std::slice::from_ref(*row))
+                .await
+            {
+                Ok(()) => {
+                    self.refused_in_a_row.store(0, Ordering::Relaxed);
+                    return Ok(true);
+                }
+                Err(e) if !crate::store::is_refusal(&e) => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(false)
     }
 
     /// Moves the cursor past lines the database has or the dead letters hold.
@@ -371,7 +443,6 @@ pub struct Retried {
 /// cause was fixed). Safe while `serve` runs: the file is renamed first, so rows the gateway
 /// dead-letters meanwhile go to a new file and are never lost or retried twice.
 pub async fn retry_dead_letters(store: &Store, dir: &std::path::Path) -> anyhow::Result<Retried> {
-    use std::io::Write;
     let path = dir.join(journal::DEAD_LETTERS);
     let taken = dir.join(format!(
         "dead-letters.retrying-{}.jsonl",
@@ -382,6 +453,9 @@ pub async fn retry_dead_letters(store: &Store, dir: &std::path::Path) -> anyhow:
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Retried::default()),
         Err(e) => return Err(e.into()),
     }
+    // A gateway that opened the file just before the rename finishes its append first.
+    let file = std::fs::File::open(&taken)?;
+    file.lock()?;
     let text = std::fs::read_to_string(&taken)?;
     let mut outcome = Retried::default();
     let mut again = Vec::new();
@@ -393,7 +467,8 @@ pub async fn retry_dead_letters(store: &Store, dir: &std::path::Path) -> anyhow:
             .and_then(|row| serde_json::from_value::<LedgerRow>(row).ok());
         let Some(mut row) = row else {
             outcome.refused += 1;
-            again.push(line.to_string());
+            again.extend_from_slice(line.as_bytes());
+            again.push(b'\n');
             continue;
         };
         row.sanitize();
@@ -401,24 +476,15 @@ pub async fn retry_dead_letters(store: &Store, dir: &std::path::Path) -> anyhow:
             Ok(()) => outcome.written += 1,
             Err(e) if crate::store::is_refusal(&e) => {
                 outcome.refused += 1;
-                again.push(
-                    serde_json::json!({
-                        "at_ms": chrono::Utc::now().timestamp_millis(),
-                        "error": format!("{e:#}"),
-                        "row": row,
-                        "line": null,
-                    })
-                    .to_string(),
-                );
+                again.extend(journal::dead_letter_entry(
+                    Some(&row),
+                    None,
+                    &format!("{e:#}"),
+                ));
             }
             Err(e) => {
                 // The database is not there: put everything back untouched.
-                let mut file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)?;
-                file.write_all(text.as_bytes())?;
-                file.sync_data()?;
+                journal::append_dead_letters(&path, text.as_bytes())?;
                 std::fs::remove_file(&taken)?;
                 return Err(
                     e.context("the database is unreachable; dead letters left as they were")
@@ -427,14 +493,7 @@ pub async fn retry_dead_letters(store: &Store, dir: &std::path::Path) -> anyhow:
         }
     }
     if !again.is_empty() {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        for line in &again {
-            writeln!(file, "{line}")?;
-        }
-        file.sync_data()?;
+        journal::append_dead_letters(&path, &again)?;
     }
     std::fs::remove_file(&taken)?;
     Ok(outcome)

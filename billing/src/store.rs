@@ -239,18 +239,19 @@ pub fn is_refusal(error: &anyhow::Error) -> bool {
                 .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
                 .is_some()
             {
-                // SQLSTATE classes: data exceptions (22, e.g. a NUL byte), integrity (23),
-                // syntax and access (42), program limits such as an oversized index row (54),
-                // raised by a trigger or function (P0). Others (connection, resources,
-                // shutdown, serialisation) are transient.
-                ["22", "23", "42", "54", "P0"]
+                // SQLSTATE classes that depend on the row: data exceptions (22, e.g. a NUL
+                // byte), integrity (23), program limits such as an oversized index row (54),
+                // raised by a trigger or function (P0). Others are about the database, not the
+                // row (connection, resources, shutdown, serialisation, and 42: a missing table
+                // or privilege, which every row would meet), and are retried.
+                ["22", "23", "54", "P0"]
                     .iter()
                     .any(|class| code.starts_with(class))
             } else {
                 // SQLite extended result codes; the primary code is the low byte: CONSTRAINT
-                // (19, a trigger's RAISE included), MISMATCH (20), TOOBIG (18), RANGE (25).
+                // (19, a trigger's RAISE included), MISMATCH (20), TOOBIG (18).
                 code.parse::<u32>()
-                    .is_ok_and(|c| matches!(c & 0xff, 18 | 19 | 20 | 25))
+                    .is_ok_and(|c| matches!(c & 0xff, 18..=20))
             }
         }
         Some(sqlx::Error::Encode(_)) | Some(sqlx::Error::TypeNotFound { .. }) => true,

@@ -54,6 +54,9 @@ pub struct Admission {
     price: Price,
     /// Fell back to this replica's counters because Redis was down.
     local: bool,
+    /// Reserved in Redis for a `fail_open` tenant: its settle is also mirrored in this
+    /// replica's counters, which enforce its limits if Redis goes away.
+    mirror: bool,
 }
 
 impl Admission {
@@ -66,6 +69,7 @@ impl Admission {
             reserved_output: u64::MAX,
             price,
             local: false,
+            mirror: false,
         }
     }
 
@@ -302,14 +306,11 @@ impl Limits {
     /// Waits until every settle started so far is done (or `timeout` passes); true when none
     /// is left.
     pub async fn settled(&self, timeout: Duration) -> bool {
-        let until = tokio::time::Instant::now() + timeout;
-        while self.settling.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-            if tokio::time::Instant::now() >= until {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
+        let settling = &self.settling;
+        crate::shutdown::wait_until(timeout, || {
+            settling.load(std::sync::atomic::Ordering::SeqCst) == 0
+        })
+        .await
     }
 
     /// The live state of one of a tenant's budgets.
@@ -476,6 +477,9 @@ impl Limits {
                 reserved_output: output_tokens,
                 price,
                 local,
+                mirror: !local
+                    && self.shared.is_some()
+                    && tenant.on_redis_down == OnRedisDown::FailOpen,
             }),
             Err(denied) => {
                 let p = &planned[denied.index];
@@ -668,21 +672,23 @@ impl Limits {
                 ..p.charge.clone()
             })
             .collect();
-        if !admission.local && self.shared.is_some() {
+        if admission.mirror {
             // This replica's own counters keep its spend, for fail_open while Redis is away.
-            self.local.mirror(&charges);
+            self.local.mirror(&charges, now_ms());
         }
         let limits = self.clone();
-        let settling = self.settling.clone();
-        settling.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.background.spawn(async move {
-            struct Done(Arc<std::sync::atomic::AtomicUsize>);
-            impl Drop for Done {
-                fn drop(&mut self) {
-                    self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                }
+        struct Done(Arc<std::sync::atomic::AtomicUsize>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             }
-            let _done = Done(settling);
+        }
+        self.settling
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Dropped with the task, run or not: shutdown never waits for a settle that is gone.
+        let done = Done(self.settling.clone());
+        self.background.spawn(async move {
+            let _done = done;
             // The store that reserved settles first (its totals drive the alerts). A request
             // admitted on this replica's counters while Redis was away is also settled in Redis
             // once it is back: the script ignores it if the rebuild's ledger sum has it.
@@ -713,7 +719,11 @@ impl Limits {
                     pause = (pause * 2).min(Duration::from_secs(30));
                 }
                 if !done {
-                    tracing::error!(%request_id, "settle abandoned; the hold expires on its own");
+                    if i == 0 {
+                        tracing::error!(%request_id, "settle abandoned; the hold expires on its own");
+                    } else {
+                        tracing::error!(%request_id, "settle in Redis of a request served while it was away abandoned; the counter misses it until its next rebuild");
+                    }
                     return;
                 }
             }

@@ -200,7 +200,6 @@ async fn start_background(
     let ledger = ledger::spawn_writer(
         store.clone(),
         WriterOptions {
-            max_batch: policy.ledger_max_batch,
             journal: JournalOptions {
                 dir: policy.ledger_journal_dir.clone(),
                 max_bytes: policy.ledger_journal_max_bytes,

@@ -76,15 +76,21 @@ impl Drain {
 
     /// Waits until no request is in flight or `timeout` passes; true when none is left.
     async fn idle(&self, timeout: Duration) -> bool {
-        let until = tokio::time::Instant::now() + timeout;
-        while self.in_flight() > 0 {
-            if tokio::time::Instant::now() >= until {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
+        wait_until(timeout, || self.in_flight() == 0).await
     }
+}
+
+/// Polls `done` every 10 ms until it holds (true) or `timeout` passes (false). For the few
+/// waits of a shutdown, where a notification would cost every request a wake-up.
+pub async fn wait_until(timeout: Duration, done: impl Fn() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + timeout;
+    while !done() {
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
 }
 
 /// What `serve` must finish before the process may exit.
@@ -139,7 +145,12 @@ impl Finish {
                 "the database did not take every row in time; they are safe in the journal and replayed at the next start"
             );
         }
-        self.store.close().await;
+        if tokio::time::timeout(self.timeout, self.store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the database connections did not close in time");
+        }
         std::process::exit(0);
     }
 }

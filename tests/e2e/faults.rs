@@ -73,16 +73,19 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-/// The tenant's first budget as `/admin/budgets` reports it, once nothing is reserved; the last
-/// answer on timeout.
-async fn settled_budget(gw: &Gateway, tenant: &str, timeout: Duration) -> Value {
+/// The tenant's first budget as `/admin/budgets` reports it, once nothing is reserved and
+/// (when given) `used` is the expected spend — settles retried after an outage land late; the
+/// last answer on timeout.
+async fn settled_budget(gw: &Gateway, tenant: &str, used: Option<i64>, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         let (_, body) = gw
             .admin_get(&format!("/admin/budgets?tenant={tenant}"))
             .await;
         let budget = body["data"][0].clone();
-        if budget["reserved"] == json!(0) || Instant::now() > deadline {
+        let settled =
+            budget["reserved"] == json!(0) && used.is_none_or(|used| budget["used"] == json!(used));
+        if settled || Instant::now() > deadline {
             return budget;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -815,7 +818,7 @@ async fn sigterm_with_50_streams_in_flight() {
 
     // A new gateway on the same database and Redis: nothing reserved, used == the ledger.
     let respawned = Respawned::start(&gw).await;
-    let budget = settled_budget(&gw, tenant, Duration::from_secs(15)).await;
+    let budget = settled_budget(&gw, tenant, None, Duration::from_secs(15)).await;
     let spent = spend(&rows);
     run.check(
         budget["reserved"] == json!(0) && budget["used"] == json!(spent),
@@ -1207,7 +1210,7 @@ async fn redis_restart_mid_load() {
                 format!("fail_open: overshoot {overshoot} <= what was served while Redis was down ({spent_blind}); spent {spent} of {limit}"),
             );
         }
-        let budget = settled_budget(&gw, tenant, Duration::from_secs(20)).await;
+        let budget = settled_budget(&gw, tenant, Some(spent), Duration::from_secs(30)).await;
         run.check(
             budget["reserved"] == json!(0) && budget["used"] == json!(spent),
             format!(

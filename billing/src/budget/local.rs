@@ -67,8 +67,9 @@ impl LocalCounters {
     /// Adds usage that was reserved and settled in another store (Redis) for a request of this
     /// replica, so that these counters keep knowing this replica's spend: they are what
     /// `fail_open` enforces when Redis is away. Called once per request; no hold involved.
-    pub fn mirror(&self, charges: &[Charge]) {
+    pub fn mirror(&self, charges: &[Charge], now_ms: i64) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.sweep(now_ms);
         for charge in charges {
             let counter = state.counters.entry(charge.counter.clone()).or_default();
             counter.window_end_ms = charge.window_end_ms;

@@ -5,7 +5,9 @@
 //! full batch, whichever comes first). The database writer reads the segments back in order and
 //! deletes a segment once every row in it is in the database (or in the dead letters). So a row
 //! leaves the disk only when the database has it, a crash loses at most the rows of the group
-//! commit in progress, and memory holds at most one batch whatever the database does.
+//! commit in progress, and the database being away costs disk, not memory (the writer holds one
+//! batch; the appender holds only the rows of the group commit in progress, or, while the disk
+//! refuses writes, those waiting for it).
 //!
 //! A lock file keeps two processes from sharing one journal directory.
 
@@ -124,36 +126,39 @@ impl Shared {
     /// The next stretch to read from `seq`/`offset`: deletes fully read sealed segments on the
     /// way. `None` when everything durable has been read.
     pub fn next(&self, cursor: &mut (u64, u64)) -> Option<Pending> {
-        let mut segments = self.segments.lock().unwrap();
         loop {
-            let segment = segments.list.front()?;
-            if segment.seq < cursor.0 {
-                // Cannot happen (segments are removed as they are read); be safe.
-                segments.list.pop_front();
-                continue;
+            let written = {
+                let mut segments = self.segments.lock().unwrap();
+                let segment = segments.list.front()?;
+                debug_assert!(
+                    segment.seq >= cursor.0,
+                    "segments are removed as they are read"
+                );
+                if segment.seq > cursor.0 {
+                    *cursor = (segment.seq, 0);
+                }
+                if cursor.1 < segment.durable {
+                    return Some(Pending {
+                        seq: segment.seq,
+                        path: segment.path.clone(),
+                        from: cursor.1,
+                        to: segment.durable,
+                    });
+                }
+                if !segment.sealed {
+                    return None;
+                }
+                let segment = segments.list.pop_front().expect("front exists");
+                self.stats
+                    .journal_bytes
+                    .fetch_sub(segment.durable, Ordering::Relaxed);
+                *cursor = (segment.seq + 1, 0);
+                segment.path
+            };
+            // Every row of it is in the database (or the dead letters).
+            if let Err(e) = std::fs::remove_file(&written) {
+                tracing::error!(path = %written.display(), "cannot remove a written journal segment: {e}");
             }
-            if segment.seq > cursor.0 {
-                *cursor = (segment.seq, 0);
-            }
-            if cursor.1 < segment.durable {
-                return Some(Pending {
-                    seq: segment.seq,
-                    path: segment.path.clone(),
-                    from: cursor.1,
-                    to: segment.durable,
-                });
-            }
-            if !segment.sealed {
-                return None;
-            }
-            let segment = segments.list.pop_front().expect("front exists");
-            if let Err(e) = std::fs::remove_file(&segment.path) {
-                tracing::error!(path = %segment.path.display(), "cannot remove a written journal segment: {e}");
-            }
-            self.stats
-                .journal_bytes
-                .fetch_sub(segment.durable, Ordering::Relaxed);
-            *cursor = (segment.seq + 1, 0);
             self.update_accepting();
         }
     }
@@ -190,33 +195,65 @@ impl Shared {
             .store(room || self.on_full == OnFull::FailOpen, Ordering::Relaxed);
     }
 
-    /// Appends a refused row (or an unreadable line) to the dead letters, durably.
-    pub fn dead_letter(&self, row: Option<&LedgerRow>, line: Option<&str>, error: &str) {
+    /// Appends a refused row (or an unreadable line) to the dead letters, durably. An error
+    /// means it is not there: the caller must keep the row.
+    pub fn dead_letter(
+        &self,
+        row: Option<&LedgerRow>,
+        line: Option<&str>,
+        error: &str,
+    ) -> std::io::Result<()> {
         let path = self.dir.join(DEAD_LETTERS);
-        let entry = serde_json::json!({
-            "at_ms": chrono::Utc::now().timestamp_millis(),
-            "error": error,
-            "row": row,
-            "line": line,
-        });
-        let result = (|| -> std::io::Result<()> {
-            let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-            writeln!(file, "{entry}")?;
-            file.sync_data()
-        })();
-        self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
-        match result {
-            Ok(()) => tracing::error!(
+        if let Err(e) = append_dead_letters(&path, &dead_letter_entry(row, line, error)) {
+            tracing::error!(
                 request_id = row.map(|r| r.request_id.as_str()).unwrap_or("?"),
-                path = %path.display(),
-                "ledger row refused by the database, moved to the dead letters: {error}"
-            ),
-            Err(e) => tracing::error!(
-                request_id = row.map(|r| r.request_id.as_str()).unwrap_or("?"),
-                "ledger row refused by the database ({error}) and the dead-letter file cannot be written: {e}; the row: {}",
-                row.and_then(|r| serde_json::to_string(r).ok()).unwrap_or_default()
-            ),
+                "ledger row refused by the database ({error}) and the dead-letter file cannot be written (the row stays in the journal): {e}"
+            );
+            return Err(e);
         }
+        self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            request_id = row.map(|r| r.request_id.as_str()).unwrap_or("?"),
+            path = %path.display(),
+            "ledger row refused by the database, moved to the dead letters: {error}"
+        );
+        Ok(())
+    }
+}
+
+/// One dead-letter line: when, why, and the row (or the raw line when it was unreadable).
+pub(crate) fn dead_letter_entry(
+    row: Option<&LedgerRow>,
+    line: Option<&str>,
+    error: &str,
+) -> Vec<u8> {
+    let mut entry = serde_json::json!({
+        "at_ms": chrono::Utc::now().timestamp_millis(),
+        "error": error,
+        "row": row,
+        "line": line,
+    })
+    .to_string()
+    .into_bytes();
+    entry.push(b'\n');
+    entry
+}
+
+/// Appends whole lines to the dead-letter file: one write under an exclusive lock, then fsync.
+/// The lock and the inode check make it safe against `retry_dead_letters` renaming the file
+/// away (the append then goes to the new file, never to the one being retried).
+pub(crate) fn append_dead_letters(path: &Path, lines: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let mut file = OpenOptions::new().create(true).append(true).open(path)?;
+        file.lock()?;
+        let same = std::fs::metadata(path)
+            .is_ok_and(|m| m.ino() == file.metadata().map_or(0, |f| f.ino()));
+        if !same {
+            continue; // renamed between open and lock: open the new one
+        }
+        file.write_all(lines)?;
+        return file.sync_data();
     }
 }
 
@@ -233,8 +270,11 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
 
 pub(crate) enum Message {
     Row(Box<LedgerRow>),
-    /// Commit what waits now and acknowledge.
-    Sync(std::sync::mpsc::Sender<()>),
+    /// Commit what waits now and acknowledge: true when nothing is left in memory.
+    Sync(std::sync::mpsc::Sender<bool>),
+    /// Last resort at exit while the journal cannot be written: log every row still in memory
+    /// (so an operator can recover it from the log) and acknowledge.
+    Abandon(std::sync::mpsc::Sender<()>),
 }
 
 /// The appender's handle, cloned onto the request path.
@@ -341,7 +381,6 @@ pub(crate) fn open(
         stats.oldest_pending_ms.store(now_ms, Ordering::Relaxed);
     }
     stats.database_up.store(true, Ordering::Relaxed);
-    stats.accepting.store(true, Ordering::Relaxed);
 
     let active_path = segment_path(dir, next_seq);
     let file = create_segment(dir, &active_path)?;
@@ -361,6 +400,8 @@ pub(crate) fn open(
         on_full: options.on_full,
         failing: AtomicBool::new(false),
     });
+    // A journal left fuller than the bound refuses requests (fail_closed) until it drains.
+    shared.update_accepting();
     let (tx, rx) = mpsc::channel();
     let thread = AppendThread {
         rx,
@@ -486,6 +527,16 @@ impl AppendThread {
                 }
                 Some(Message::Sync(ack)) => {
                     self.commit();
+                    let _ = ack.send(self.buffer.is_empty());
+                }
+                Some(Message::Abandon(ack)) => {
+                    for row in self.buffer.drain(..) {
+                        tracing::error!(
+                            request_id = %row.request_id,
+                            row = %serde_json::to_string(&row).unwrap_or_default(),
+                            "LEDGER ROW NOT JOURNALED at exit (the journal cannot be written); recover it from this line"
+                        );
+                    }
                     let _ = ack.send(());
                 }
                 None => self.commit(),

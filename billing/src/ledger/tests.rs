@@ -7,7 +7,6 @@ use super::*;
 
 fn options(dir: &std::path::Path, max_bytes: u64, on_full: OnFull) -> WriterOptions {
     WriterOptions {
-        max_batch: 100,
         journal: JournalOptions {
             dir: dir.join("journal"),
             max_bytes,
@@ -198,7 +197,7 @@ async fn a_full_journal_refuses_new_requests_or_counts_what_it_loses() {
             big.request_id = format!("r{i}");
             ledger.record(big.clone());
         }
-        ledger.sync().await;
+        assert!(ledger.sync(Duration::from_secs(5)).await);
         let stats = ledger.stats();
         let bytes = stats.journal_bytes.load(Ordering::Relaxed);
         match on_full {
@@ -232,4 +231,101 @@ fn sanitize_replaces_nul_in_every_text() {
     assert_eq!(r.tenant, "t\u{FFFD}");
     assert_eq!(r.model, "m\u{FFFD}");
     assert_eq!(r.backend.as_deref(), Some("b\u{FFFD}"));
+}
+
+#[tokio::test]
+async fn a_database_that_refuses_every_row_is_an_outage_not_poison() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path()).await;
+    store
+        .execute_raw(
+            "CREATE TRIGGER refuse_all BEFORE INSERT ON ledger \
+             BEGIN SELECT RAISE(ABORT, 'read-only for maintenance'); END",
+        )
+        .await
+        .unwrap();
+    let ledger = spawn_writer(
+        store.clone(),
+        options(dir.path(), 1 << 20, OnFull::FailClosed),
+    )
+    .unwrap();
+    for i in 0..120 {
+        ledger.record(row(&format!("r{i}"), "acme"));
+    }
+    assert!(!ledger.flush(Duration::from_millis(500)).await);
+    let stats = ledger.stats();
+    // The first refusals look like poison; then the writer finds that later rows are refused
+    // too, stops, and keeps the rest on disk.
+    let dead = stats.dead_letters.load(Ordering::Relaxed);
+    assert_eq!(dead, (REFUSALS_BEFORE_PROBING - 1) as u64);
+    assert_eq!(stats.journal_rows.load(Ordering::Relaxed), 120 - dead);
+    assert!(!stats.database_up.load(Ordering::Relaxed));
+    // Fixed: the rest flows; the dead letters wait for `retry_dead_letters`.
+    store.execute_raw("DROP TRIGGER refuse_all").await.unwrap();
+    assert!(ledger.wait_written(Duration::from_secs(10)).await);
+    assert_eq!(
+        store.ledger_rows("acme").await.unwrap().len() as u64,
+        120 - dead
+    );
+    let retried = retry_dead_letters(&store, &dir.path().join("journal"))
+        .await
+        .unwrap();
+    assert_eq!(retried.written as u64, dead);
+    assert_eq!(store.ledger_rows("acme").await.unwrap().len(), 120);
+}
+
+#[tokio::test]
+async fn a_run_of_poison_rows_is_still_poison_when_later_rows_are_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path()).await;
+    store
+        .execute_raw(
+            "CREATE TRIGGER refuse BEFORE INSERT ON ledger WHEN NEW.tenant = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'poison tenant refused'); END",
+        )
+        .await
+        .unwrap();
+    let ledger = spawn_writer(
+        store.clone(),
+        options(dir.path(), 1 << 20, OnFull::FailClosed),
+    )
+    .unwrap();
+    for i in 0..60 {
+        let tenant = if i < 45 { "poison" } else { "acme" };
+        ledger.record(row(&format!("r{i}"), tenant));
+    }
+    assert!(ledger.flush(Duration::from_secs(10)).await);
+    assert_eq!(ledger.stats().dead_letters.load(Ordering::Relaxed), 45);
+    assert_eq!(store.ledger_rows("acme").await.unwrap().len(), 15);
+}
+
+#[tokio::test]
+async fn a_refused_row_stays_in_the_journal_until_the_dead_letters_can_take_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path()).await;
+    store
+        .execute_raw(
+            "CREATE TRIGGER refuse BEFORE INSERT ON ledger WHEN NEW.tenant = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'poison tenant refused'); END",
+        )
+        .await
+        .unwrap();
+    // The dead-letter file cannot be created (a directory is in its way).
+    let blocker = dir.path().join("journal").join(journal::DEAD_LETTERS);
+    std::fs::create_dir_all(&blocker).unwrap();
+    let ledger = spawn_writer(
+        store.clone(),
+        options(dir.path(), 1 << 20, OnFull::FailClosed),
+    )
+    .unwrap();
+    ledger.record(row("a", "acme"));
+    ledger.record(row("p", "poison"));
+    ledger.record(row("b", "acme"));
+    assert!(!ledger.flush(Duration::from_millis(500)).await);
+    assert_eq!(ledger.stats().journal_rows.load(Ordering::Relaxed), 2);
+    assert_eq!(ledger.stats().dead_letters.load(Ordering::Relaxed), 0);
+    std::fs::remove_dir(&blocker).unwrap();
+    assert!(ledger.wait_written(Duration::from_secs(10)).await);
+    assert_eq!(ledger.stats().dead_letters.load(Ordering::Relaxed), 1);
+    assert_eq!(store.ledger_rows("acme").await.unwrap().len(), 2);
 }

@@ -247,15 +247,17 @@ async fn dead_letters(policy: &Policy, store: &Store, retry: bool) -> anyhow::Re
             "{} rows written to the database, {} refused again (kept in {})",
             done.written,
             done.refused,
-            dir.join("dead-letters.jsonl").display()
+            dir.join(tollgate_billing::ledger::journal::DEAD_LETTERS)
+                .display()
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let text = match std::fs::read_to_string(dir.join("dead-letters.jsonl")) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e.into()),
-    };
+    let text =
+        match std::fs::read_to_string(dir.join(tollgate_billing::ledger::journal::DEAD_LETTERS)) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e.into()),
+        };
     let mut by_error = std::collections::BTreeMap::<String, usize>::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let entry: serde_json::Value = serde_json::from_str(line).unwrap_or_default();

@@ -220,6 +220,12 @@ impl Gateway {
 
     async fn proxy(&self, session: &mut Session, endpoint: Endpoint, request_id: String) {
         let _in_flight = self.state.drain.enter();
+        if self.state.drain.is_draining() {
+            // Shutting down: the listener is closed; a request on a kept-alive connection is
+            // told to go elsewhere, before anything is read, reserved or billed.
+            session.set_keepalive(None);
+            return send_error(session, &ApiError::shutting_down(), &request_id).await;
+        }
         let key = match self.authenticate(session) {
             Ok(key) => key,
             Err(error) => return send_error(session, &error, &request_id).await,
@@ -288,7 +294,13 @@ impl Gateway {
         if !self.state.ledger.accepting() {
             return Err(ApiError::ledger_unavailable());
         }
-        let body = read_body(session, policy.max_body_bytes).await?;
+        let body = tokio::select! {
+            body = read_body(session, policy.max_body_bytes) => body?,
+            () = self.state.drain.cut_now() => {
+                meter.outcome = "shutdown";
+                return Err(ApiError::shutting_down());
+            }
+        };
         let request = ClientRequest::parse(endpoint, &body)?;
         drop(body);
         meter.model = request.model.clone();
@@ -562,17 +574,16 @@ impl Gateway {
             meter.outcome = "upstream_error";
         }
         let content_type = content_type.unwrap_or_else(|| "application/json".into());
-        if !write_whole(
-            session,
-            status,
-            &content_type,
-            body,
-            &meter.request_id,
-            extra,
-        )
-        .await
-        {
-            meter.outcome = "client_closed";
+        let request_id = meter.request_id.clone();
+        let write = write_whole(session, status, &content_type, body, &request_id, extra);
+        tokio::select! {
+            biased;
+            written = write => if !written {
+                meter.outcome = "client_closed";
+            },
+            // The answer was produced and is billed; a client too slow to take it cannot hold
+            // the shutdown.
+            () = self.state.drain.cut_now() => meter.outcome = "shutdown",
         }
     }
 
@@ -635,7 +646,18 @@ impl Gateway {
                 delivered_tokens += tokens;
             }
             if !out.is_empty() {
-                if session.write_response_body(Some(out), false).await.is_err() {
+                let written = tokio::select! {
+                    // The write first: only a write that cannot proceed is cut.
+                    biased;
+                    written = session.write_response_body(Some(out), false) => written.is_ok(),
+                    // A client that stops reading cannot hold the shutdown: billed for what
+                    // it had taken before this event.
+                    () = self.state.drain.cut_now() => {
+                        meter.outcome = "shutdown";
+                        break;
+                    }
+                };
+                if !written {
                     meter.outcome = "client_closed";
                     break;
                 }
