@@ -84,7 +84,8 @@ async fn start_gateway_bin(
     let config = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &config,
-        format!("listen: [\"127.0.0.1:{port}\"]\ndatabase_url: sqlite://{}/{name}.db\nthreads: 1\n{policy}", dir.display()),
+        // No admin API: several gateways run side by side (it would want the same port).
+        format!("listen: [\"127.0.0.1:{port}\"]\ndatabase_url: sqlite://{}/{name}.db\nthreads: 1\nadmin: {{ enabled: false }}\n{policy}", dir.display()),
     )
     .unwrap();
     let keys = tenants

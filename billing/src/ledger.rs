@@ -282,7 +282,9 @@ impl Writer {
                         .await;
                 continue;
             };
-            let lines = match read_lines(&pending, self.max_batch) {
+            let (stretch, max) = (pending.clone(), self.max_batch);
+            let read = tokio::task::spawn_blocking(move || read_lines(&stretch, max)).await;
+            let lines = match read.unwrap_or_else(|e| Err(std::io::Error::other(e))) {
                 Ok(lines) => lines,
                 Err(e) => {
                     tracing::error!(path = %pending.path.display(), "cannot read the ledger journal (retrying): {e}");

@@ -103,6 +103,7 @@ pub(crate) struct Segments {
 }
 
 /// A stretch of durable journal to send to the database.
+#[derive(Clone)]
 pub(crate) struct Pending {
     pub seq: u64,
     pub path: PathBuf,
@@ -520,8 +521,11 @@ impl AppendThread {
                 Some(Message::Row(mut row)) => {
                     row.sanitize();
                     self.buffer.push(*row);
-                    self.first_at.get_or_insert_with(Instant::now);
-                    if self.buffer.len() >= self.options.max_batch && !self.failing {
+                    let first = *self.first_at.get_or_insert_with(Instant::now);
+                    // Due by time even while rows keep coming (the timeout only fires in a
+                    // pause), or by size unless the disk is refusing (then once per interval).
+                    let due = first.elapsed() >= self.options.flush_interval;
+                    if due || (self.buffer.len() >= self.options.max_batch && !self.failing) {
                         self.commit();
                     }
                 }
