@@ -513,14 +513,17 @@ impl Gateway {
                     if (200..300).contains(&status)
                         && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() =>
                 {
-                    // A success whose body is cut or garbled serves the client nothing:
-                    // another backend may still answer, else a clear 502. Billed nothing.
+                    // A success whose body is cut or garbled serves the client nothing: a clear
+                    // 502, billed nothing. Not retried elsewhere: the provider has done (and
+                    // will charge for) the work once already.
                     tracing::warn!(request_id = %meter.request_id, backend = exchange.backend_name(), status, "backend answered with a body that is not valid JSON");
-                    last_error = Some(AttemptError::Malformed(format!(
+                    let detail = format!(
                         "backend `{}` answered {status} with a body that is not valid JSON",
                         exchange.backend_name()
-                    )));
+                    );
                     exchange.finish().await;
+                    last_error = Some(AttemptError::Malformed(detail));
+                    break;
                 }
                 Ok(body) => {
                     exchange.finish().await;
