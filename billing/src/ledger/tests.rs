@@ -24,6 +24,22 @@ async fn sqlite(dir: &std::path::Path) -> Store {
         .unwrap()
 }
 
+/// A writer with a 1 MiB journal under `fail_closed`.
+fn writer(store: &Store, dir: &std::path::Path) -> LedgerSender {
+    spawn_writer(store.clone(), options(dir, 1 << 20, OnFull::FailClosed)).unwrap()
+}
+
+/// The database refuses rows of tenant `poison` (a trigger), as Postgres refuses a NUL.
+async fn refuse_poison(store: &Store) {
+    store
+        .execute_raw(
+            "CREATE TRIGGER refuse BEFORE INSERT ON ledger WHEN NEW.tenant = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'poison tenant refused'); END",
+        )
+        .await
+        .unwrap();
+}
+
 fn row(id: &str, tenant: &str) -> LedgerRow {
     let mut row = test_row(id, 1_795_822_200_000, None, 7);
     row.tenant = tenant.into();
@@ -47,11 +63,7 @@ fn segments(dir: &std::path::Path) -> usize {
 async fn rows_reach_the_database_through_the_journal() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite(dir.path()).await;
-    let ledger = spawn_writer(
-        store.clone(),
-        options(dir.path(), 1 << 20, OnFull::FailClosed),
-    )
-    .unwrap();
+    let ledger = writer(&store, dir.path());
     for i in 0..250 {
         ledger.record(row(&format!("r{i}"), "acme"));
     }
@@ -73,18 +85,8 @@ async fn rows_reach_the_database_through_the_journal() {
 async fn a_refused_row_is_dead_lettered_and_never_blocks_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite(dir.path()).await;
-    store
-        .execute_raw(
-            "CREATE TRIGGER refuse BEFORE INSERT ON ledger WHEN NEW.tenant = 'poison' \
-             BEGIN SELECT RAISE(ABORT, 'poison tenant refused'); END",
-        )
-        .await
-        .unwrap();
-    let ledger = spawn_writer(
-        store.clone(),
-        options(dir.path(), 1 << 20, OnFull::FailClosed),
-    )
-    .unwrap();
+    refuse_poison(&store).await;
+    let ledger = writer(&store, dir.path());
     for i in 0..30 {
         let tenant = if i == 10 { "poison" } else { "acme" };
         ledger.record(row(&format!("r{i}"), tenant));
@@ -138,11 +140,7 @@ async fn an_unreachable_database_keeps_rows_on_disk_for_the_next_start() {
         .execute_raw("ALTER TABLE ledger RENAME TO ledger_away")
         .await
         .unwrap();
-    let ledger = spawn_writer(
-        store.clone(),
-        options(dir.path(), 1 << 20, OnFull::FailClosed),
-    )
-    .unwrap();
+    let ledger = writer(&store, dir.path());
     for i in 0..40 {
         ledger.record(row(&format!("r{i}"), "acme"));
     }
@@ -244,11 +242,7 @@ async fn a_database_that_refuses_every_row_is_an_outage_not_poison() {
         )
         .await
         .unwrap();
-    let ledger = spawn_writer(
-        store.clone(),
-        options(dir.path(), 1 << 20, OnFull::FailClosed),
-    )
-    .unwrap();
+    let ledger = writer(&store, dir.path());
     for i in 0..120 {
         ledger.record(row(&format!("r{i}"), "acme"));
     }
@@ -278,18 +272,8 @@ async fn a_database_that_refuses_every_row_is_an_outage_not_poison() {
 async fn a_run_of_poison_rows_is_still_poison_when_later_rows_are_taken() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite(dir.path()).await;
-    store
-        .execute_raw(
-            "CREATE TRIGGER refuse BEFORE INSERT ON ledger WHEN NEW.tenant = 'poison' \
-             BEGIN SELECT RAISE(ABORT, 'poison tenant refused'); END",
-        )
-        .await
-        .unwrap();
-    let ledger = spawn_writer(
-        store.clone(),
-        options(dir.path(), 1 << 20, OnFull::FailClosed),
-    )
-    .unwrap();
+    refuse_poison(&store).await;
+    let ledger = writer(&store, dir.path());
     for i in 0..60 {
         let tenant = if i < 45 { "poison" } else { "acme" };
         ledger.record(row(&format!("r{i}"), tenant));
@@ -303,21 +287,11 @@ async fn a_run_of_poison_rows_is_still_poison_when_later_rows_are_taken() {
 async fn a_refused_row_stays_in_the_journal_until_the_dead_letters_can_take_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite(dir.path()).await;
-    store
-        .execute_raw(
-            "CREATE TRIGGER refuse BEFORE INSERT ON ledger WHEN NEW.tenant = 'poison' \
-             BEGIN SELECT RAISE(ABORT, 'poison tenant refused'); END",
-        )
-        .await
-        .unwrap();
+    refuse_poison(&store).await;
     // The dead-letter file cannot be created (a directory is in its way).
     let blocker = dir.path().join("journal").join(journal::DEAD_LETTERS);
     std::fs::create_dir_all(&blocker).unwrap();
-    let ledger = spawn_writer(
-        store.clone(),
-        options(dir.path(), 1 << 20, OnFull::FailClosed),
-    )
-    .unwrap();
+    let ledger = writer(&store, dir.path());
     ledger.record(row("a", "acme"));
     ledger.record(row("p", "poison"));
     ledger.record(row("b", "acme"));

@@ -70,9 +70,14 @@ impl Gateway {
         gateway
     }
 
-    async fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("gateway.log")).unwrap();
-        let child = Command::new(BIN)
+    /// Starts `tollgate serve` on this gateway's directory and policy, appending to its log.
+    pub fn serve_process(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.dir.path().join("gateway.log"))
+            .unwrap();
+        Command::new(BIN)
             .arg("--config")
             .arg(&self.config)
             .arg("serve")
@@ -82,8 +87,11 @@ impl Gateway {
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
-            .expect("start tollgate");
-        self.child = Some(child);
+            .expect("start tollgate")
+    }
+
+    async fn spawn(&mut self) {
+        self.child = Some(self.serve_process());
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = reqwest::Client::new();
         loop {

@@ -2,13 +2,12 @@
 //! status without reaping it, its memory, `/healthz`, config rewrites, and a second process
 //! started on the same directory and policy after a crash.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::gateway::{ADMIN_TOKEN, BIN};
 use crate::harness::Gateway;
 
 /// Sends `signal` (`TERM`, `KILL`, ...) to `pid`.
@@ -237,22 +236,7 @@ impl Respawned {
     /// Starts `tollgate serve` like the harness does (same cwd, environment and log file) and
     /// waits until `/healthz` answers 200.
     pub async fn start(gw: &Gateway) -> Respawned {
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(gw.dir.path().join("gateway.log"))
-            .unwrap();
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(&gw.config)
-            .arg("serve")
-            .current_dir(gw.dir.path())
-            .env("TOLLGATE_TEST_PROVIDER_KEY", "sk-provider-secret")
-            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start tollgate");
+        let child = gw.serve_process();
         let mut respawned = Respawned { child };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
