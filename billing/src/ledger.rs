@@ -159,7 +159,10 @@ pub struct LedgerSender {
 impl LedgerSender {
     /// Queues a row for the journal; never blocks.
     pub fn record(&self, row: LedgerRow) {
+        let queued = &self.shared.stats.queued_rows;
+        queued.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.appender.tx.send(journal::Message::Row(Box::new(row))) {
+            queued.fetch_sub(1, Ordering::Relaxed);
             if let journal::Message::Row(row) = e.0 {
                 tracing::error!(request_id = %row.request_id, row = %serde_json::to_string(&row).unwrap_or_default(), "ledger journal stopped; row not journaled");
             }
@@ -214,11 +217,15 @@ impl LedgerSender {
             .await
     }
 
-    /// Waits until the database has every journaled row, or `timeout` passes.
+    /// Waits until the database has every row recorded or journaled so far, or `timeout`
+    /// passes.
     pub async fn wait_written(&self, timeout: Duration) -> bool {
         let until = Instant::now() + timeout;
+        let stats = &self.shared.stats;
         loop {
-            if self.shared.stats.journal_rows.load(Ordering::Relaxed) == 0 {
+            if stats.queued_rows.load(Ordering::Relaxed) == 0
+                && stats.journal_rows.load(Ordering::Relaxed) == 0
+            {
                 return true;
             }
             if Instant::now() >= until {

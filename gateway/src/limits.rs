@@ -139,7 +139,12 @@ pub struct Limits {
     background: tokio::runtime::Handle,
     /// Settles not finished yet (shutdown waits for them).
     settling: Arc<std::sync::atomic::AtomicUsize>,
+    /// This replica's ledger: a rebuild waits for the rows its journal still holds.
+    ledger: std::sync::OnceLock<tollgate_billing::ledger::LedgerSender>,
 }
+
+/// Longest wait of a counter rebuild for this replica's journal to reach the database.
+const REBUILD_JOURNAL_WAIT: Duration = Duration::from_secs(30);
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -300,7 +305,14 @@ impl Limits {
             http,
             background: tokio::runtime::Handle::current(),
             settling: Default::default(),
+            ledger: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Rebuilds from now on also wait until this replica's journal has handed the database
+    /// every row that ended before their epoch (after a database outage it may hold many).
+    pub fn watch_ledger(&self, ledger: tollgate_billing::ledger::LedgerSender) {
+        let _ = self.ledger.set(ledger);
     }
 
     /// Waits until every settle started so far is done (or `timeout` passes); true when none
@@ -383,6 +395,18 @@ impl Limits {
         let wait = epoch + lag.as_millis() as i64 - now_ms();
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        }
+        if let Some(ledger) = self.ledger.get() {
+            // Rows journaled after `epoch + lag` belong to requests that ended after the epoch
+            // (their settles count them); older ones must be in the database before the sum.
+            let cut = epoch + lag.as_millis() as i64;
+            let written = crate::shutdown::wait_until(REBUILD_JOURNAL_WAIT, || {
+                ledger.stats().oldest_pending_ms().is_none_or(|at| at > cut)
+            })
+            .await;
+            if !written {
+                tracing::warn!(tenant = %tenant.name, "rebuilding counters while this replica's journal still holds rows the database has not taken; the counters may be low until the next rebuild");
+            }
         }
         let mut seeds = Vec::new();
         for spec in seed_specs(tenant, epoch) {

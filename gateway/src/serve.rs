@@ -252,6 +252,7 @@ async fn start_background(
     // Budget counters: this replica's own from the ledger now (nothing of ours is in flight);
     // shared ones whenever Redis turns out cold (first start, flush, restart).
     let limits = Arc::new(Limits::new(policy)?);
+    limits.watch_ledger(ledger.clone());
     limits
         .rebuild(policy, &store, std::time::Duration::ZERO, true)
         .await;

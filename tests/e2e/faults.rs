@@ -220,7 +220,7 @@ async fn postgres_outage_under_load() {
     }
     let outcomes = load.stop().await;
     let drained = wait_health(&gw.url(), Duration::from_secs(60), |h| {
-        h.journal_rows == 0 && h.database == "ok"
+        h.drained() && h.database == "ok"
     })
     .await;
     let drain_secs = backlog_written.unwrap_or(recovered.elapsed().as_secs_f64());
@@ -441,7 +441,7 @@ async fn poison_rows_do_not_stop_billing() {
         }
     }
     let outcomes = load.stop().await;
-    let drained = wait_health(&gw.url(), Duration::from_secs(30), |h| h.journal_rows == 0).await;
+    let drained = wait_health(&gw.url(), Duration::from_secs(30), |h| h.drained()).await;
 
     let tally = Tally::of(&outcomes);
     run.tally(&tally);
@@ -652,7 +652,7 @@ async fn poison_rows_do_not_stop_billing() {
         format!("the garbage line was dead-lettered raw: {new_letters:?}"),
     );
     run.check(
-        wait_health(&gw.url(), Duration::from_secs(10), |h| h.journal_rows == 0)
+        wait_health(&gw.url(), Duration::from_secs(10), |h| h.drained())
             .await
             .is_ok(),
         "the hand-written segment was consumed",
@@ -1002,7 +1002,7 @@ async fn sigkill_under_load_then_restart() {
     let restarted = Instant::now();
     let respawned = Respawned::start(&gw).await;
     let replayed = wait_health(&gw.url(), Duration::from_secs(30), |h| {
-        h.journal_rows == 0 && h.database == "ok"
+        h.drained() && h.database == "ok"
     })
     .await;
     let replay_secs = restarted.elapsed().as_secs_f64();
@@ -1161,7 +1161,7 @@ async fn redis_restart_mid_load() {
         load_bound(&outcomes, "closed") && load_bound(&outcomes, "open"),
         "the budgets bound (429s) after Redis returned",
     );
-    let drained = wait_health(&gw.url(), Duration::from_secs(30), |h| h.journal_rows == 0).await;
+    let drained = wait_health(&gw.url(), Duration::from_secs(30), |h| h.drained()).await;
     run.check(drained.is_ok(), format!("the journal drained: {drained:?}"));
 
     let mut notes = Vec::new();

@@ -38,6 +38,9 @@ pub enum OnFull {
 /// Live numbers about the ledger's way to the database, read by `/healthz` and `/metrics`.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Rows recorded and not yet on disk: waiting for their group commit (at most one flush
+    /// interval), or for a disk that refuses writes.
+    pub queued_rows: AtomicU64,
     /// Rows on local disk that the database does not have yet.
     pub journal_rows: AtomicU64,
     /// Bytes of all journal segments on disk.
@@ -58,12 +61,19 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// When the oldest row still waiting for the database became durable (epoch ms).
+    pub fn oldest_pending_ms(&self) -> Option<i64> {
+        match self.oldest_pending_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(at),
+        }
+    }
+
     /// Milliseconds since the oldest row still waiting for the database became durable.
     pub fn write_lag_ms(&self) -> u64 {
-        match self.oldest_pending_ms.load(Ordering::Relaxed) {
-            0 => 0,
-            at => (chrono::Utc::now().timestamp_millis() - at).max(0) as u64,
-        }
+        self.oldest_pending_ms().map_or(0, |at| {
+            (chrono::Utc::now().timestamp_millis() - at).max(0) as u64
+        })
     }
 }
 
@@ -534,6 +544,10 @@ impl AppendThread {
                     let _ = ack.send(self.buffer.is_empty());
                 }
                 Some(Message::Abandon(ack)) => {
+                    self.shared
+                        .stats
+                        .queued_rows
+                        .fetch_sub(self.buffer.len() as u64, Ordering::Relaxed);
                     for row in self.buffer.drain(..) {
                         tracing::error!(
                             request_id = %row.request_id,
@@ -572,6 +586,7 @@ impl AppendThread {
         if full && self.options.on_full == OnFull::FailOpen {
             let lost = self.buffer.len() as u64;
             stats.lost_rows.fetch_add(lost, Ordering::Relaxed);
+            stats.queued_rows.fetch_sub(lost, Ordering::Relaxed);
             if self
                 .last_loss_log
                 .is_none_or(|at| at.elapsed() > Duration::from_secs(10))
@@ -602,6 +617,7 @@ impl AppendThread {
                         });
                     }
                     stats.journal_rows.fetch_add(rows, Ordering::Relaxed);
+                    stats.queued_rows.fetch_sub(rows, Ordering::Relaxed);
                     stats
                         .journal_bytes
                         .fetch_add(lines.len() as u64, Ordering::Relaxed);
@@ -650,6 +666,9 @@ impl AppendThread {
                     stats
                         .lost_rows
                         .fetch_add(self.buffer.len() as u64, Ordering::Relaxed);
+                    stats
+                        .queued_rows
+                        .fetch_sub(self.buffer.len() as u64, Ordering::Relaxed);
                     tracing::error!(
                         lost = self.buffer.len(),
                         "LEDGER ROWS LOST: the journal cannot be written"

@@ -132,6 +132,12 @@ async fn metrics(axum::extract::State(app): axum::extract::State<Arc<AppState>>)
     let stats = app.ledger.stats();
     let lines = [
         (
+            "tollgate_ledger_queued_rows",
+            "gauge",
+            "Ledger rows recorded, waiting for their group commit to the journal.",
+            stats.queued_rows.load(Relaxed) as f64,
+        ),
+        (
             "tollgate_ledger_journal_rows",
             "gauge",
             "Ledger rows on local disk not yet in the database.",

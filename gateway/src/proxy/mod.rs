@@ -169,6 +169,8 @@ impl Gateway {
         let body = json!({
             "status": word,
             "ledger": {
+                "queued_rows": stats.queued_rows.load(Relaxed),
+                "queued_rows": stats.queued_rows.load(Relaxed),
                 "journal_rows": stats.journal_rows.load(Relaxed),
                 "journal_bytes": stats.journal_bytes.load(Relaxed),
                 "write_lag_ms": stats.write_lag_ms(),

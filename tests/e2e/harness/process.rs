@@ -137,6 +137,8 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 #[derive(Debug, Clone, Default)]
 pub struct LedgerHealth {
     pub status: String,
+    /// Recorded, not yet journaled (the group commit in progress).
+    pub queued_rows: i64,
     pub journal_rows: i64,
     pub journal_bytes: i64,
     pub dead_letters: i64,
@@ -146,10 +148,16 @@ pub struct LedgerHealth {
 }
 
 impl LedgerHealth {
+    /// Every row recorded so far is in the database.
+    pub fn drained(&self) -> bool {
+        self.queued_rows == 0 && self.journal_rows == 0
+    }
+
     pub fn of(body: &Value) -> LedgerHealth {
         let ledger = &body["ledger"];
         LedgerHealth {
             status: body["status"].as_str().unwrap_or_default().to_string(),
+            queued_rows: ledger["queued_rows"].as_i64().unwrap_or(-1),
             journal_rows: ledger["journal_rows"].as_i64().unwrap_or(-1),
             journal_bytes: ledger["journal_bytes"].as_i64().unwrap_or(-1),
             dead_letters: ledger["dead_letters"].as_i64().unwrap_or(-1),
