@@ -246,7 +246,7 @@ pub fn spawn_writer(store: Store, options: WriterOptions) -> anyhow::Result<Ledg
             store,
             shared: shared.clone(),
             max_batch: options.journal.max_batch.max(1),
-            refused_in_a_row: Default::default(),
+            refused_in_a_row: 0,
         }
         .run(),
     );
@@ -267,18 +267,26 @@ struct Writer {
     shared: Arc<journal::Shared>,
     max_batch: usize,
     /// Rows refused one after the other (across attempts), none accepted since.
-    refused_in_a_row: std::sync::atomic::AtomicUsize,
+    refused_in_a_row: usize,
 }
 
-/// A line read back from the journal, and where it ends.
-struct Line {
-    row: Result<LedgerRow, String>,
-    text: String,
-    end: u64,
+/// Lines read back from the journal: the rows, and what each line held and where it ends.
+#[derive(Default)]
+struct Read {
+    rows: Vec<LedgerRow>,
+    lines: Vec<(Line, u64)>,
+}
+
+enum Line {
+    /// `rows[i]`.
+    Row(usize),
+    /// Not a ledger row: the text and why, for the dead letters.
+    Unreadable(String, String),
+    Blank,
 }
 
 impl Writer {
-    async fn run(self) {
+    async fn run(mut self) {
         let mut cursor = (0u64, 0u64);
         let mut failures = 0u32;
         loop {
@@ -291,15 +299,15 @@ impl Writer {
             };
             let (stretch, max) = (pending.clone(), self.max_batch);
             let read = tokio::task::spawn_blocking(move || read_lines(&stretch, max)).await;
-            let lines = match read.unwrap_or_else(|e| Err(std::io::Error::other(e))) {
-                Ok(lines) => lines,
+            let read = match read.unwrap_or_else(|e| Err(std::io::Error::other(e))) {
+                Ok(read) => read,
                 Err(e) => {
                     tracing::error!(path = %pending.path.display(), "cannot read the ledger journal (retrying): {e}");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
-            match self.write(&pending, &lines, &mut cursor).await {
+            match self.write(&pending, &read, &mut cursor).await {
                 Ok(()) => {
                     if failures > 0 {
                         tracing::info!("database reachable again; ledger rows are being written");
@@ -331,12 +339,12 @@ impl Writer {
     /// or the dead letters hold. An error means the database could not be reached: the rest
     /// is retried later.
     async fn write(
-        &self,
+        &mut self,
         pending: &journal::Pending,
-        lines: &[Line],
+        read: &Read,
         cursor: &mut (u64, u64),
     ) -> anyhow::Result<()> {
-        let Some(last) = lines.last() else {
+        let Some(&(_, last)) = read.lines.last() else {
             // Durable bytes that read as no line: the segment was damaged under us. Never
             // skip it silently; say so and retry (slowly).
             anyhow::bail!(
@@ -345,12 +353,12 @@ impl Writer {
                 pending.to - pending.from
             );
         };
-        let rows: Vec<LedgerRow> = lines.iter().filter_map(|l| l.row.clone().ok()).collect();
-        let batch_written = match self.store.insert_ledger_rows(&rows).await {
+        let rows = &read.rows;
+        let batch_written = match self.store.insert_ledger_rows(rows).await {
             Ok(()) => {
                 self.written(rows.len());
-                if rows.len() == lines.len() {
-                    self.advance(pending, cursor, last.end, rows.len() as u64);
+                if rows.len() == read.lines.len() {
+                    self.advance(pending, cursor, last, rows.len() as u64);
                     return Ok(());
                 }
                 true
@@ -363,66 +371,69 @@ impl Writer {
         // on are tried first: if the database takes one, the refused rows are poison; if it
         // refuses them all, it refuses everything (a schema or permission problem, a read-only
         // database): an outage, retried, never a reason to empty the journal.
-        for (i, line) in lines.iter().enumerate() {
-            match &line.row {
-                Err(_) if line.text.is_empty() => {}
-                Err(parse_error) => {
+        for (line, end) in &read.lines {
+            match line {
+                Line::Blank => {}
+                Line::Unreadable(text, why) => {
                     self.shared.dead_letter(
                         None,
-                        Some(&line.text),
-                        &format!("unreadable journal line: {parse_error}"),
+                        Some(text),
+                        &format!("unreadable journal line: {why}"),
                     )?;
                 }
-                Ok(_) if batch_written => {}
-                Ok(row) => match self
-                    .store
-                    .insert_ledger_rows(std::slice::from_ref(row))
-                    .await
-                {
-                    Ok(()) => {
-                        self.refused_in_a_row.store(0, Ordering::Relaxed);
-                        self.written(1);
-                    }
-                    Err(e) if !crate::store::is_refusal(&e) => return Err(e),
-                    Err(e) => {
-                        let streak = self.refused_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-                        if streak >= REFUSALS_BEFORE_PROBING
-                            && !self.accepts_any(&lines[i + 1..]).await?
-                        {
-                            return Err(e.context(format!(
-                                "the database refused {streak} rows in a row and every row tried after them; treating it as an outage, not as poison"
-                            )));
+                Line::Row(_) if batch_written => {}
+                Line::Row(i) => {
+                    let row = &rows[*i];
+                    match self.insert_one(row).await? {
+                        None => self.written(1),
+                        Some(e) => {
+                            self.refused_in_a_row += 1;
+                            if self.refused_in_a_row >= REFUSALS_BEFORE_PROBING
+                                && !self.accepts_any(&rows[*i + 1..]).await?
+                            {
+                                return Err(e.context(format!(
+                                    "the database refused {} rows in a row and every row tried after them; treating it as an outage, not as poison",
+                                    self.refused_in_a_row
+                                )));
+                            }
+                            self.shared
+                                .dead_letter(Some(row), None, &format!("{e:#}"))?;
                         }
-                        self.shared
-                            .dead_letter(Some(row), None, &format!("{e:#}"))?;
                     }
-                },
+                }
             }
-            self.advance(pending, cursor, line.end, 1);
+            self.advance(pending, cursor, *end, 1);
         }
         Ok(())
     }
 
     /// Tries a few of `rest` (inserting a row early is harmless: inserts are idempotent).
     /// True as soon as the database takes one.
-    async fn accepts_any(&self, rest: &[Line]) -> anyhow::Result<bool> {
-        let candidates: Vec<&LedgerRow> = rest.iter().filter_map(|l| l.row.as_ref().ok()).collect();
-        let step = (candidates.len() / 3).max(1);
-        for row in candidates.iter().rev().step_by(step).take(3) {
-            match self
-                .store
-                .insert_ledger_rows(std::slice::from_ref(*row))
-                .await
-            {
-                Ok(()) => {
-                    self.refused_in_a_row.store(0, Ordering::Relaxed);
-                    return Ok(true);
-                }
-                Err(e) if !crate::store::is_refusal(&e) => return Err(e),
-                Err(_) => {}
+    async fn accepts_any(&mut self, rest: &[LedgerRow]) -> anyhow::Result<bool> {
+        let step = (rest.len() / 3).max(1);
+        for row in rest.iter().rev().step_by(step).take(3) {
+            if self.insert_one(row).await?.is_none() {
+                return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// Inserts one row alone: `Ok(None)` when the database has it, `Ok(Some(refusal))` when it
+    /// refuses this row, `Err` when it cannot be reached.
+    async fn insert_one(&mut self, row: &LedgerRow) -> anyhow::Result<Option<anyhow::Error>> {
+        match self
+            .store
+            .insert_ledger_rows(std::slice::from_ref(row))
+            .await
+        {
+            Ok(()) => {
+                self.refused_in_a_row = 0;
+                Ok(None)
+            }
+            Err(e) if crate::store::is_refusal(&e) => Ok(Some(e)),
+            Err(e) => Err(e),
+        }
     }
 
     /// Moves the cursor past lines the database has or the dead letters hold.
@@ -509,45 +520,40 @@ pub async fn retry_dead_letters(store: &Store, dir: &std::path::Path) -> anyhow:
 }
 
 /// Reads up to `max` complete lines from a durable stretch of a segment.
-fn read_lines(pending: &journal::Pending, max: usize) -> std::io::Result<Vec<Line>> {
+fn read_lines(pending: &journal::Pending, max: usize) -> std::io::Result<Read> {
     use std::io::{BufRead, BufReader, Seek, SeekFrom};
     let mut file = std::fs::File::open(&pending.path)?;
     file.seek(SeekFrom::Start(pending.from))?;
     let mut reader = BufReader::with_capacity(256 << 10, file);
-    let mut lines = Vec::new();
+    let mut read = Read::default();
     let mut offset = pending.from;
     let mut buf = Vec::new();
-    while lines.len() < max && offset < pending.to {
+    while read.lines.len() < max && offset < pending.to {
         buf.clear();
         let n = reader.read_until(b'\n', &mut buf)?;
         if n == 0 || offset + n as u64 > pending.to {
             break;
         }
         offset += n as u64;
-        let text = String::from_utf8_lossy(&buf).trim_end().to_string();
-        if text.is_empty() {
-            // A blank line carries no row; step over it.
-            lines.push(Line {
-                row: Err("blank line".into()),
-                text,
-                end: offset,
-            });
-            continue;
-        }
-        let row = serde_json::from_str::<LedgerRow>(&text)
-            .map(|mut row| {
-                // Journals and spools written before NULs were refused may hold them.
-                row.sanitize();
-                row
-            })
-            .map_err(|e| e.to_string());
-        lines.push(Line {
-            row,
-            text,
-            end: offset,
-        });
+        let line = if buf.trim_ascii().is_empty() {
+            Line::Blank
+        } else {
+            match serde_json::from_slice::<LedgerRow>(&buf) {
+                Ok(mut row) => {
+                    // Journals and spools written before NULs were refused may hold them.
+                    row.sanitize();
+                    read.rows.push(row);
+                    Line::Row(read.rows.len() - 1)
+                }
+                Err(e) => Line::Unreadable(
+                    String::from_utf8_lossy(buf.trim_ascii_end()).into_owned(),
+                    e.to_string(),
+                ),
+            }
+        };
+        read.lines.push((line, offset));
     }
-    Ok(lines)
+    Ok(read)
 }
 
 /// A plausible row for tests.

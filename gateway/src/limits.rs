@@ -138,7 +138,7 @@ pub struct Limits {
     /// shutdown.
     background: tokio::runtime::Handle,
     /// Settles not finished yet (shutdown waits for them).
-    settling: Arc<std::sync::atomic::AtomicUsize>,
+    settling: crate::shutdown::Tracker,
     /// This replica's ledger: a rebuild waits for the rows its journal still holds.
     ledger: std::sync::OnceLock<tollgate_billing::ledger::LedgerSender>,
 }
@@ -318,11 +318,7 @@ impl Limits {
     /// Waits until every settle started so far is done (or `timeout` passes); true when none
     /// is left.
     pub async fn settled(&self, timeout: Duration) -> bool {
-        let settling = &self.settling;
-        crate::shutdown::wait_until(timeout, || {
-            settling.load(std::sync::atomic::Ordering::SeqCst) == 0
-        })
-        .await
+        self.settling.idle(timeout).await
     }
 
     /// The live state of one of a tenant's budgets.
@@ -701,57 +697,59 @@ impl Limits {
             self.local.mirror(&charges, now_ms());
         }
         let limits = self.clone();
-        struct Done(Arc<std::sync::atomic::AtomicUsize>);
-        impl Drop for Done {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-        self.settling
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         // Dropped with the task, run or not: shutdown never waits for a settle that is gone.
-        let done = Done(self.settling.clone());
+        let settling = self.settling.track();
         self.background.spawn(async move {
-            let _done = done;
-            // The store that reserved settles first (its totals drive the alerts). A request
-            // admitted on this replica's counters while Redis was away is also settled in Redis
-            // once it is back: the script ignores it if the rebuild's ledger sum has it.
-            let stores = if admission.local && limits.shared.is_some() {
-                vec![true, false]
-            } else {
-                vec![admission.local]
+            let _settling = settling;
+            let tag = &admission.tag;
+            // The store that reserved settles first (its totals drive the alerts).
+            let Some(totals) = limits
+                .settle_retrying(admission.local, tag, &request_id, &charges, ended_ms)
+                .await
+            else {
+                tracing::error!(%request_id, "settle abandoned; the hold expires on its own");
+                return;
             };
-            for (i, local) in stores.into_iter().enumerate() {
-                let mut pause = Duration::from_millis(100);
-                let mut done = false;
-                for _ in 0..20 {
-                    match limits
-                        .store(local)
-                        .settle(&admission.tag, &request_id, &charges, ended_ms)
-                        .await
-                    {
-                        Ok(totals) => {
-                            if i == 0 {
-                                limits.alert(&admission, &charges, &totals).await;
-                            }
-                            done = true;
-                            break;
-                        }
-                        Err(e) => tracing::warn!(%request_id, "settle failed, retrying: {e}"),
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(30));
-                }
-                if !done {
-                    if i == 0 {
-                        tracing::error!(%request_id, "settle abandoned; the hold expires on its own");
-                    } else {
-                        tracing::error!(%request_id, "settle in Redis of a request served while it was away abandoned; the counter misses it until its next rebuild");
-                    }
-                    return;
-                }
+            limits.alert(&admission, &charges, &totals).await;
+            // A request admitted on this replica's counters while Redis was away is also
+            // settled in Redis once it is back: the script ignores it if the rebuild's ledger
+            // sum has it.
+            if admission.local
+                && limits.shared.is_some()
+                && limits
+                    .settle_retrying(false, tag, &request_id, &charges, ended_ms)
+                    .await
+                    .is_none()
+            {
+                tracing::error!(%request_id, "settle in Redis of a request served while it was away abandoned; the counter misses it until its next rebuild");
             }
         });
+    }
+
+    /// Settles on one store, retrying with backoff (about six minutes in all); the totals, or
+    /// `None` when it never went through.
+    async fn settle_retrying(
+        &self,
+        local: bool,
+        tag: &str,
+        request_id: &str,
+        charges: &[Charge],
+        ended_ms: i64,
+    ) -> Option<Vec<i64>> {
+        let mut pause = Duration::from_millis(100);
+        for _ in 0..20 {
+            match self
+                .store(local)
+                .settle(tag, request_id, charges, ended_ms)
+                .await
+            {
+                Ok(totals) => return Some(totals),
+                Err(e) => tracing::warn!(%request_id, "settle failed, retrying: {e}"),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(30));
+        }
+        None
     }
 }
 

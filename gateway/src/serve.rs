@@ -210,25 +210,18 @@ async fn start_background(
             legacy_spool: Some(policy.ledger_spool_path.clone()),
         },
     )?;
-    let left = ledger
-        .stats()
-        .journal_rows
-        .load(std::sync::atomic::Ordering::Relaxed);
-    if left > 0 {
-        if ledger
+    let left = ledger.stats().snapshot().journal_rows;
+    if left > 0
+        && !ledger
             .wait_written(std::time::Duration::from_secs(60))
             .await
-        {
-            tracing::info!(rows = left, "replayed the ledger journal");
-        } else {
-            tracing::warn!(
-                rows = ledger
-                    .stats()
-                    .journal_rows
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                "ledger journal not fully replayed yet; it continues in the background"
-            );
-        }
+    {
+        tracing::warn!(
+            rows = ledger.stats().snapshot().journal_rows,
+            "ledger journal not fully replayed yet; it continues in the background"
+        );
+    } else if left > 0 {
+        tracing::info!(rows = left, "replayed the ledger journal");
     }
     if store.keys_changed_since(0).await?.is_empty() && policy.tenants.contains_key(DEMO_TENANT) {
         let keys::Created::New(record, secret) =

@@ -1,7 +1,7 @@
 //! Graceful shutdown that bills everything.
 //!
 //! On SIGTERM or SIGINT, Pingora closes the listeners at once. In-flight requests then get
-//! `shutdown.drain_secs` to finish; streams still running after that are cut ([`Drain::cut`]:
+//! `shutdown.drain_secs` to finish; streams still running after that are cut ([`CutSignal`]:
 //! an error event and `[DONE]`, billed for what the client received). When no request is left
 //! in flight (or `shutdown.timeout_secs` after the cut), every settle is awaited, the journal
 //! is synced, the database given what it can take in the time left, and the process exits.
@@ -15,10 +15,53 @@ use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::sync::{watch, Notify};
 
+/// Counts work in progress (requests in flight, settles running) so that shutdown can wait
+/// for it; each unit is a [`Tracked`] guard that counts until it is dropped.
+#[derive(Clone, Default)]
+pub struct Tracker(Arc<AtomicUsize>);
+
+/// One unit of tracked work; owned, so it can move into a spawned task.
+pub struct Tracked(Arc<AtomicUsize>);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Tracker {
+    pub fn track(&self) -> Tracked {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Tracked(self.0.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Waits until nothing is tracked or `timeout` passes; true when nothing is left.
+    pub async fn idle(&self, timeout: Duration) -> bool {
+        wait_until(timeout, || self.count() == 0).await
+    }
+}
+
+/// Polls `done` every 10 ms until it holds (true) or `timeout` passes (false). For the few
+/// waits of a shutdown or a rebuild, where a notification would cost every request a wake-up.
+pub async fn wait_until(timeout: Duration, done: impl Fn() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + timeout;
+    while !done() {
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
 /// In-flight requests and the shutdown's phases, shared by the data plane and `serve`.
 pub struct Drain {
     draining: AtomicBool,
-    in_flight: AtomicUsize,
+    pub in_flight: Tracker,
     /// Becomes true when the remaining requests must end now.
     cut: watch::Sender<bool>,
     /// Told when the first shutdown signal arrives.
@@ -29,40 +72,36 @@ impl Default for Drain {
     fn default() -> Self {
         Drain {
             draining: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
+            in_flight: Tracker::default(),
             cut: watch::channel(false).0,
             started: Notify::new(),
         }
     }
 }
 
-/// Counts one request in flight for as long as it lives.
-pub struct InFlight<'a>(&'a Drain);
+/// Resolves, each time it is awaited, once in-flight requests must end; one per request, so
+/// that a stream's loop does not subscribe again for every chunk.
+pub struct CutSignal(watch::Receiver<bool>);
 
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+impl CutSignal {
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|cut| *cut).await;
     }
 }
 
 impl Drain {
-    pub fn enter(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(self)
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
-    }
-
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
+    /// For a loop that waits on the cut again and again (a stream's relay).
+    pub fn cut_signal(&self) -> CutSignal {
+        CutSignal(self.cut.subscribe())
+    }
+
     /// Resolves when in-flight requests must end now.
     pub async fn cut_now(&self) {
-        let mut rx = self.cut.subscribe();
-        let _ = rx.wait_for(|cut| *cut).await;
+        self.cut_signal().wait().await
     }
 
     fn begin(&self) {
@@ -73,24 +112,6 @@ impl Drain {
             self.started.notify_one();
         }
     }
-
-    /// Waits until no request is in flight or `timeout` passes; true when none is left.
-    async fn idle(&self, timeout: Duration) -> bool {
-        wait_until(timeout, || self.in_flight() == 0).await
-    }
-}
-
-/// Polls `done` every 10 ms until it holds (true) or `timeout` passes (false). For the few
-/// waits of a shutdown, where a notification would cost every request a wake-up.
-pub async fn wait_until(timeout: Duration, done: impl Fn() -> bool) -> bool {
-    let until = tokio::time::Instant::now() + timeout;
-    while !done() {
-        if tokio::time::Instant::now() >= until {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    true
 }
 
 /// What `serve` must finish before the process may exit.
@@ -108,25 +129,25 @@ impl Finish {
     /// (Pingora's own grace period is only a backstop, set longer than all of this).
     pub async fn run(self) {
         self.drain.started.notified().await;
-        let in_flight = self.drain.in_flight();
+        let in_flight = &self.drain.in_flight;
         tracing::info!(
-            in_flight,
+            in_flight = in_flight.count(),
             drain_secs = self.drain_for.as_secs_f64(),
             "shutting down: listener closed, letting in-flight requests finish"
         );
         tokio::select! {
-            _ = self.drain.idle(self.drain_for) => {}
+            _ = in_flight.idle(self.drain_for) => {}
             _ = self.drain.cut_now() => {}
         }
-        if self.drain.in_flight() > 0 {
+        if in_flight.count() > 0 {
             tracing::warn!(
-                in_flight = self.drain.in_flight(),
+                in_flight = in_flight.count(),
                 "drain time over: ending the remaining requests (billed for what they delivered)"
             );
             self.drain.cut.send_replace(true);
-            if !self.drain.idle(self.timeout).await {
+            if !in_flight.idle(self.timeout).await {
                 tracing::error!(
-                    in_flight = self.drain.in_flight(),
+                    in_flight = in_flight.count(),
                     "requests still in flight after the cut; exiting anyway"
                 );
             }
@@ -136,12 +157,11 @@ impl Finish {
             tracing::warn!("budget settles still pending at exit; their holds expire on their own");
         }
         let written = self.ledger.flush(self.timeout).await;
-        let stats = self.ledger.stats();
         if written {
             tracing::info!("ledger flushed to the database; bye");
         } else {
             tracing::warn!(
-                journal_rows = stats.journal_rows.load(Ordering::Relaxed),
+                journal_rows = self.ledger.stats().snapshot().journal_rows,
                 "the database did not take every row in time; they are safe in the journal and replayed at the next start"
             );
         }

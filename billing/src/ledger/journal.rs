@@ -60,7 +60,36 @@ pub struct Stats {
     pub accepting: AtomicBool,
 }
 
+/// The [`Stats`] read at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub queued_rows: u64,
+    pub journal_rows: u64,
+    pub journal_bytes: u64,
+    pub write_lag_ms: u64,
+    pub dead_letters: u64,
+    pub lost_rows: u64,
+    pub written_rows: u64,
+    pub database_up: bool,
+    pub accepting: bool,
+}
+
 impl Stats {
+    pub fn snapshot(&self) -> Snapshot {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Snapshot {
+            queued_rows: get(&self.queued_rows),
+            journal_rows: get(&self.journal_rows),
+            journal_bytes: get(&self.journal_bytes),
+            write_lag_ms: self.write_lag_ms(),
+            dead_letters: get(&self.dead_letters),
+            lost_rows: get(&self.lost_rows),
+            written_rows: get(&self.written_rows),
+            database_up: self.database_up.load(Ordering::Relaxed),
+            accepting: self.accepting.load(Ordering::Relaxed),
+        }
+    }
+
     /// When the oldest row still waiting for the database became durable (epoch ms).
     pub fn oldest_pending_ms(&self) -> Option<i64> {
         match self.oldest_pending_ms.load(Ordering::Relaxed) {
@@ -106,12 +135,6 @@ struct Segment {
     commits: VecDeque<Commit>,
 }
 
-/// Segments shared by the appender thread and the database writer.
-#[derive(Debug, Default)]
-pub(crate) struct Segments {
-    list: VecDeque<Segment>,
-}
-
 /// A stretch of durable journal to send to the database.
 #[derive(Clone)]
 pub(crate) struct Pending {
@@ -123,7 +146,8 @@ pub(crate) struct Pending {
 
 pub(crate) struct Shared {
     pub stats: Arc<Stats>,
-    segments: Mutex<Segments>,
+    /// In order; the last one is the segment being appended to.
+    segments: Mutex<VecDeque<Segment>>,
     /// Wakes the database writer after a group commit.
     pub committed: tokio::sync::Notify,
     dir: PathBuf,
@@ -140,7 +164,7 @@ impl Shared {
         loop {
             let written = {
                 let mut segments = self.segments.lock().unwrap();
-                let segment = segments.list.front()?;
+                let segment = segments.front()?;
                 debug_assert!(
                     segment.seq >= cursor.0,
                     "segments are removed as they are read"
@@ -159,7 +183,7 @@ impl Shared {
                 if !segment.sealed {
                     return None;
                 }
-                let segment = segments.list.pop_front().expect("front exists");
+                let segment = segments.pop_front().expect("front exists");
                 self.stats
                     .journal_bytes
                     .fetch_sub(segment.durable, Ordering::Relaxed);
@@ -181,13 +205,12 @@ impl Shared {
             rows.min(self.stats.journal_rows.load(Ordering::Relaxed)),
             Ordering::Relaxed,
         );
-        if let Some(segment) = segments.list.iter_mut().find(|s| s.seq == seq) {
+        if let Some(segment) = segments.iter_mut().find(|s| s.seq == seq) {
             while segment.commits.front().is_some_and(|c| c.end <= offset) {
                 segment.commits.pop_front();
             }
         }
         let oldest = segments
-            .list
             .iter()
             .find_map(|s| s.commits.front())
             .map_or(0, |c| c.at_ms);
@@ -356,7 +379,7 @@ pub(crate) fn open(
     }
 
     let stats = Arc::new(Stats::default());
-    let mut segments = Segments::default();
+    let mut segments = VecDeque::new();
     let now_ms = chrono::Utc::now().timestamp_millis();
     let (mut bytes, mut rows) = (0u64, 0u64);
     for (seq, path) in found {
@@ -371,7 +394,7 @@ pub(crate) fn open(
                 at_ms: now_ms,
             });
         }
-        segments.list.push_back(Segment {
+        segments.push_back(Segment {
             seq,
             path,
             durable,
@@ -395,7 +418,7 @@ pub(crate) fn open(
 
     let active_path = segment_path(dir, next_seq);
     let file = create_segment(dir, &active_path)?;
-    segments.list.push_back(Segment {
+    segments.push_back(Segment {
         seq: next_seq,
         path: active_path,
         durable: 0,
@@ -424,7 +447,6 @@ pub(crate) fn open(
         size: 0,
         buffer: Vec::new(),
         first_at: None,
-        failing: false,
         last_loss_log: None,
     };
     std::thread::Builder::new()
@@ -499,8 +521,6 @@ struct AppendThread {
     size: u64,
     buffer: Vec<LedgerRow>,
     first_at: Option<Instant>,
-    /// The last write failed: retry at every interval.
-    failing: bool,
     last_loss_log: Option<Instant>,
 }
 
@@ -535,7 +555,7 @@ impl AppendThread {
                     // Due by time even while rows keep coming (the timeout only fires in a
                     // pause), or by size unless the disk is refusing (then once per interval).
                     let due = first.elapsed() >= self.options.flush_interval;
-                    if due || (self.buffer.len() >= self.options.max_batch && !self.failing) {
+                    if due || (self.buffer.len() >= self.options.max_batch && !self.failing()) {
                         self.commit();
                     }
                 }
@@ -584,9 +604,7 @@ impl AppendThread {
         }
         let full = on_disk + lines.len() as u64 > self.options.max_bytes;
         if full && self.options.on_full == OnFull::FailOpen {
-            let lost = self.buffer.len() as u64;
-            stats.lost_rows.fetch_add(lost, Ordering::Relaxed);
-            stats.queued_rows.fetch_sub(lost, Ordering::Relaxed);
+            let lost = self.lose_buffer();
             if self
                 .last_loss_log
                 .is_none_or(|at| at.elapsed() > Duration::from_secs(10))
@@ -599,8 +617,6 @@ impl AppendThread {
                     "LEDGER ROWS LOST: the journal is full (ledger.journal_max_bytes) and ledger.on_journal_full is fail_open; these requests were served and will not be billed"
                 );
             }
-            self.buffer.clear();
-            self.first_at = None;
             return;
         }
         match self.append(&lines) {
@@ -609,13 +625,12 @@ impl AppendThread {
                 let at_ms = chrono::Utc::now().timestamp_millis();
                 {
                     let mut segments = self.shared.segments.lock().unwrap();
-                    if let Some(segment) = segments.list.iter_mut().find(|s| s.seq == self.seq) {
-                        segment.durable = self.size;
-                        segment.commits.push_back(Commit {
-                            end: self.size,
-                            at_ms,
-                        });
-                    }
+                    let active = segments.back_mut().expect("the active segment");
+                    active.durable = self.size;
+                    active.commits.push_back(Commit {
+                        end: self.size,
+                        at_ms,
+                    });
                     stats.journal_rows.fetch_add(rows, Ordering::Relaxed);
                     stats.queued_rows.fetch_sub(rows, Ordering::Relaxed);
                     stats
@@ -627,7 +642,9 @@ impl AppendThread {
                         Ordering::Relaxed,
                         Ordering::Relaxed,
                     );
-                    self.shared.failing.store(false, Ordering::Relaxed);
+                    if self.shared.failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("the ledger journal is writable again");
+                    }
                     self.shared.update_accepting();
                     let bytes = stats.journal_bytes.load(Ordering::Relaxed);
                     if bytes >= self.options.max_bytes && on_disk < self.options.max_bytes {
@@ -636,10 +653,6 @@ impl AppendThread {
                             "the ledger journal is full (ledger.journal_max_bytes): new requests are refused (on_journal_full: fail_closed) until the database takes the rows"
                         );
                     }
-                }
-                if self.failing {
-                    tracing::info!("the ledger journal is writable again");
-                    self.failing = false;
                 }
                 self.buffer.clear();
                 self.first_at = None;
@@ -651,33 +664,36 @@ impl AppendThread {
             Err(e) => {
                 // Keep the rows and retry at the next interval; refuse new requests meanwhile
                 // (fail_closed) since their rows could not be made durable.
-                if !self.failing {
+                if !self.shared.failing.swap(true, Ordering::Relaxed) {
                     tracing::error!(
                         rows = self.buffer.len(),
                         "cannot write the ledger journal (retrying): {e}"
                     );
                 }
-                self.failing = true;
-                self.shared.failing.store(true, Ordering::Relaxed);
                 self.shared.update_accepting();
                 self.first_at = Some(Instant::now());
                 // Fail-open: memory stays bounded.
                 if self.options.on_full == OnFull::FailOpen && self.buffer.len() > 100_000 {
-                    stats
-                        .lost_rows
-                        .fetch_add(self.buffer.len() as u64, Ordering::Relaxed);
-                    stats
-                        .queued_rows
-                        .fetch_sub(self.buffer.len() as u64, Ordering::Relaxed);
-                    tracing::error!(
-                        lost = self.buffer.len(),
-                        "LEDGER ROWS LOST: the journal cannot be written"
-                    );
-                    self.buffer.clear();
-                    self.first_at = None;
+                    let lost = self.lose_buffer();
+                    tracing::error!(lost, "LEDGER ROWS LOST: the journal cannot be written");
                 }
             }
         }
+    }
+
+    fn failing(&self) -> bool {
+        self.shared.failing.load(Ordering::Relaxed)
+    }
+
+    /// Drops the rows waiting in memory (`fail_open` only), counted as lost.
+    fn lose_buffer(&mut self) -> u64 {
+        let lost = self.buffer.len() as u64;
+        let stats = &self.shared.stats;
+        stats.lost_rows.fetch_add(lost, Ordering::Relaxed);
+        stats.queued_rows.fetch_sub(lost, Ordering::Relaxed);
+        self.buffer.clear();
+        self.first_at = None;
+        lost
     }
 
     fn append(&mut self, lines: &[u8]) -> std::io::Result<()> {
@@ -699,10 +715,8 @@ impl AppendThread {
     fn fully_read(&self) -> bool {
         let segments = self.shared.segments.lock().unwrap();
         segments
-            .list
-            .iter()
-            .find(|s| s.seq == self.seq)
-            .is_some_and(|s| s.commits.is_empty())
+            .back()
+            .is_some_and(|active| active.commits.is_empty())
     }
 
     /// Seals the active segment and starts the next one.
@@ -712,10 +726,10 @@ impl AppendThread {
         match create_segment(&self.options.dir, &path) {
             Ok(file) => {
                 let mut segments = self.shared.segments.lock().unwrap();
-                if let Some(segment) = segments.list.iter_mut().find(|s| s.seq == self.seq) {
-                    segment.sealed = true;
+                if let Some(active) = segments.back_mut() {
+                    active.sealed = true;
                 }
-                segments.list.push_back(Segment {
+                segments.push_back(Segment {
                     seq,
                     path,
                     durable: 0,

@@ -128,76 +128,68 @@ pub fn router(state: Arc<AdminState>) -> Router {
 
 /// Prometheus text exposition of the ledger's health (no token: no tenant data in it).
 async fn metrics(axum::extract::State(app): axum::extract::State<Arc<AppState>>) -> Response {
-    use std::sync::atomic::Ordering::Relaxed;
-    let stats = app.ledger.stats();
+    let ledger = app.ledger.stats().snapshot();
+    let flag = |on: bool| if on { 1.0 } else { 0.0 };
     let lines = [
         (
             "tollgate_ledger_queued_rows",
             "gauge",
             "Ledger rows recorded, waiting for their group commit to the journal.",
-            stats.queued_rows.load(Relaxed) as f64,
+            ledger.queued_rows as f64,
         ),
         (
             "tollgate_ledger_journal_rows",
             "gauge",
             "Ledger rows on local disk not yet in the database.",
-            stats.journal_rows.load(Relaxed) as f64,
+            ledger.journal_rows as f64,
         ),
         (
             "tollgate_ledger_journal_bytes",
             "gauge",
             "Bytes of ledger journal segments on disk.",
-            stats.journal_bytes.load(Relaxed) as f64,
+            ledger.journal_bytes as f64,
         ),
         (
             "tollgate_ledger_write_lag_seconds",
             "gauge",
             "Age of the oldest journaled row not yet in the database.",
-            stats.write_lag_ms() as f64 / 1000.0,
+            ledger.write_lag_ms as f64 / 1000.0,
         ),
         (
             "tollgate_ledger_dead_letters_total",
             "counter",
             "Ledger rows the database refused, moved to the dead letters.",
-            stats.dead_letters.load(Relaxed) as f64,
+            ledger.dead_letters as f64,
         ),
         (
             "tollgate_ledger_rows_lost_total",
             "counter",
             "Ledger rows dropped because the journal was full (fail_open).",
-            stats.lost_rows.load(Relaxed) as f64,
+            ledger.lost_rows as f64,
         ),
         (
             "tollgate_ledger_rows_written_total",
             "counter",
             "Ledger rows written to the database.",
-            stats.written_rows.load(Relaxed) as f64,
+            ledger.written_rows as f64,
         ),
         (
             "tollgate_ledger_database_up",
             "gauge",
             "1 when the last ledger write reached the database.",
-            if stats.database_up.load(Relaxed) {
-                1.0
-            } else {
-                0.0
-            },
+            flag(ledger.database_up),
         ),
         (
             "tollgate_ledger_accepting",
             "gauge",
             "1 while new requests are served (0: journal full under fail_closed).",
-            if stats.accepting.load(Relaxed) {
-                1.0
-            } else {
-                0.0
-            },
+            flag(ledger.accepting),
         ),
         (
             "tollgate_requests_in_flight",
             "gauge",
             "Proxied requests in flight.",
-            app.drain.in_flight() as f64,
+            app.drain.in_flight.count() as f64,
         ),
     ];
     let mut body = String::new();

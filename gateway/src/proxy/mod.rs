@@ -100,12 +100,17 @@ enum Chosen<'a> {
         exchange: Box<Exchange<'a>>,
         first: Bytes,
     },
-    Whole {
-        status: u16,
-        content_type: Option<String>,
-        retry_after: Option<String>,
-        body: Bytes,
-    },
+    Whole(Whole),
+}
+
+/// A complete upstream answer.
+struct Whole {
+    status: u16,
+    content_type: Option<String>,
+    retry_after: Option<String>,
+    body: Bytes,
+    /// A success's body, parsed once (for its usage and generated text).
+    message: Option<Value>,
 }
 
 impl Gateway {
@@ -153,15 +158,12 @@ impl Gateway {
     /// `/healthz`: 200 while serving (`ok`, or `degraded` while the database is away and rows
     /// wait in the journal), 503 while draining or refusing requests for want of a ledger.
     fn health(&self) -> (u16, Bytes) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let stats = self.state.ledger.stats();
-        let database_up = stats.database_up.load(Relaxed);
-        let accepting = stats.accepting.load(Relaxed);
+        let ledger = self.state.ledger.stats().snapshot();
         let (status, word) = if self.state.drain.is_draining() {
             (503, "draining")
-        } else if !accepting {
+        } else if !ledger.accepting {
             (503, "ledger_unavailable")
-        } else if !database_up {
+        } else if !ledger.database_up {
             (200, "degraded")
         } else {
             (200, "ok")
@@ -169,17 +171,16 @@ impl Gateway {
         let body = json!({
             "status": word,
             "ledger": {
-                "queued_rows": stats.queued_rows.load(Relaxed),
-                "queued_rows": stats.queued_rows.load(Relaxed),
-                "journal_rows": stats.journal_rows.load(Relaxed),
-                "journal_bytes": stats.journal_bytes.load(Relaxed),
-                "write_lag_ms": stats.write_lag_ms(),
-                "dead_letters": stats.dead_letters.load(Relaxed),
-                "lost_rows": stats.lost_rows.load(Relaxed),
-                "database": if database_up { "ok" } else { "unreachable" },
-                "accepting": accepting,
+                "queued_rows": ledger.queued_rows,
+                "journal_rows": ledger.journal_rows,
+                "journal_bytes": ledger.journal_bytes,
+                "write_lag_ms": ledger.write_lag_ms,
+                "dead_letters": ledger.dead_letters,
+                "lost_rows": ledger.lost_rows,
+                "database": if ledger.database_up { "ok" } else { "unreachable" },
+                "accepting": ledger.accepting,
             },
-            "in_flight": self.state.drain.in_flight(),
+            "in_flight": self.state.drain.in_flight.count(),
         });
         (status, Bytes::from(body.to_string()))
     }
@@ -221,7 +222,7 @@ impl Gateway {
     }
 
     async fn proxy(&self, session: &mut Session, endpoint: Endpoint, request_id: String) {
-        let _in_flight = self.state.drain.enter();
+        let _in_flight = self.state.drain.in_flight.track();
         if self.state.drain.is_draining() {
             // Shutting down: the listener is closed; a request on a kept-alive connection is
             // told to go elsewhere, before anything is read, reserved or billed.
@@ -232,6 +233,11 @@ impl Gateway {
             Ok(key) => key,
             Err(error) => return send_error(session, &error, &request_id).await,
         };
+        if !self.state.ledger.accepting() {
+            // The journal has no room for its row: refused before anything is read, reserved
+            // or served, and not recorded.
+            return send_error(session, &ApiError::ledger_unavailable(), &request_id).await;
+        }
         let policy = self.state.policy.load_full();
         let tenant = policy.tenants.get(&key.tenant);
         let mut meter = Meter {
@@ -270,10 +276,6 @@ impl Gateway {
                 meter.outcome = "upstream_error";
             }
             send_error(session, &error, &meter.request_id).await;
-            if error.code == "ledger_unavailable" {
-                // The journal has no room for it, and nothing was served or reserved.
-                return;
-            }
         }
         if let Some(admission) = admission {
             let ended_ms = meter.end();
@@ -293,9 +295,6 @@ impl Gateway {
         meter: &mut Meter,
         admission: &mut Option<Admission>,
     ) -> Result<(), ApiError> {
-        if !self.state.ledger.accepting() {
-            return Err(ApiError::ledger_unavailable());
-        }
         let body = tokio::select! {
             body = read_body(session, policy.max_body_bytes) => body?,
             () = self.state.drain.cut_now() => {
@@ -425,16 +424,10 @@ impl Gateway {
                 meter.status = 499;
                 meter.outcome = "client_closed";
             }
-            Some(Chosen::Whole {
-                status,
-                content_type,
-                retry_after,
-                body,
-            }) => {
+            Some(Chosen::Whole(mut whole)) => {
                 let mut extra = headers;
-                extra.extend(retry_after.map(|v| ("retry-after", v)));
-                self.send_whole(session, status, content_type, body, meter, &extra)
-                    .await
+                extra.extend(whole.retry_after.take().map(|v| ("retry-after", v)));
+                self.send_whole(session, whole, meter, &extra).await
             }
             Some(Chosen::Stream { exchange, first }) => {
                 let flight = Flight {
@@ -511,30 +504,32 @@ impl Gateway {
             let content_type = exchange.header("content-type");
             let retry_after = exchange.header("retry-after");
             match exchange.read_to_end(MAX_RESPONSE_BYTES).await {
-                Ok(body)
-                    if (200..300).contains(&status)
-                        && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() =>
-                {
-                    // A success whose body is cut or garbled serves the client nothing: a clear
-                    // 502, billed nothing. Not retried elsewhere: the provider has done (and
-                    // will charge for) the work once already.
-                    tracing::warn!(request_id = %meter.request_id, backend = exchange.backend_name(), status, "backend answered with a body that is not valid JSON");
-                    let detail = format!(
-                        "backend `{}` answered {status} with a body that is not valid JSON",
-                        exchange.backend_name()
-                    );
-                    exchange.finish().await;
-                    last_error = Some(AttemptError::Malformed(detail));
-                    break;
-                }
                 Ok(body) => {
+                    let success = (200..300).contains(&status);
+                    let message = success
+                        .then(|| serde_json::from_slice::<Value>(&body).ok())
+                        .flatten();
+                    if success && message.is_none() {
+                        // A success whose body is cut or garbled serves the client nothing: a
+                        // clear 502, billed nothing. Not retried elsewhere: the provider has
+                        // done (and will charge for) the work once already.
+                        tracing::warn!(request_id = %meter.request_id, backend = exchange.backend_name(), status, "backend answered with a body that is not valid JSON");
+                        let detail = format!(
+                            "backend `{}` answered {status} with a body that is not valid JSON",
+                            exchange.backend_name()
+                        );
+                        exchange.finish().await;
+                        last_error = Some(AttemptError::Malformed(detail));
+                        break;
+                    }
                     exchange.finish().await;
-                    return Ok(Chosen::Whole {
+                    return Ok(Chosen::Whole(Whole {
                         status,
                         content_type,
                         retry_after,
                         body,
-                    });
+                        message,
+                    }));
                 }
                 Err(error) => {
                     exchange.finish().await;
@@ -559,28 +554,36 @@ impl Gateway {
     async fn send_whole(
         &self,
         session: &mut Session,
-        status: u16,
-        content_type: Option<String>,
-        body: Bytes,
+        whole: Whole,
         meter: &mut Meter,
         extra: &[(&str, String)],
     ) {
+        let status = whole.status;
         meter.status = status;
         if (200..300).contains(&status) {
             meter.served = true;
             meter.outcome = "ok";
-            if let Ok(message) = serde_json::from_slice::<Value>(&body) {
-                meter.provider = usage::provider_usage(&message);
+            if let Some(message) = &whole.message {
+                meter.provider = usage::provider_usage(message);
                 let mut text = String::new();
-                usage::append_generated_text(&message, &mut text);
+                usage::append_generated_text(message, &mut text);
                 meter.count_completion(&text);
             }
         } else {
             meter.outcome = "upstream_error";
         }
-        let content_type = content_type.unwrap_or_else(|| "application/json".into());
+        let content_type = whole
+            .content_type
+            .unwrap_or_else(|| "application/json".into());
         let request_id = meter.request_id.clone();
-        let write = write_whole(session, status, &content_type, body, &request_id, extra);
+        let write = write_whole(
+            session,
+            status,
+            &content_type,
+            whole.body,
+            &request_id,
+            extra,
+        );
         tokio::select! {
             biased;
             written = write => if !written {
@@ -627,6 +630,7 @@ impl Gateway {
             exchange.finish().await;
             return;
         }
+        let mut cut = self.state.drain.cut_signal();
         let mut relay = SseRelay::new(!flight.wants_usage);
         // Generated text up to here reached the client; its tokens as counted chunk by chunk.
         let mut delivered_end = 0;
@@ -657,7 +661,7 @@ impl Gateway {
                     written = session.write_response_body(Some(out), false) => written.is_ok(),
                     // A client that stops reading cannot hold the shutdown: billed for what
                     // it had taken before this event.
-                    () = self.state.drain.cut_now() => {
+                    () = cut.wait() => {
                         meter.outcome = "shutdown";
                         break;
                     }
@@ -673,7 +677,7 @@ impl Gateway {
             delivered_end = relay.generated_text.len();
             let next = tokio::select! {
                 next = exchange.read() => next,
-                () = self.state.drain.cut_now() => {
+                () = cut.wait() => {
                     meter.outcome = "shutdown";
                     let event = format!("data: {}\n\ndata: [DONE]\n\n", shutdown_cut_event());
                     let _ = session
