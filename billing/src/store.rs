@@ -474,7 +474,8 @@ impl Store {
 
     /// What a tenant's requests used within `[from_ms, to_ms)` of arrival, counting only those
     /// that ended before `ended_before_ms`: (admitted requests, prompt + completion tokens,
-    /// cost). `key` and `model` narrow it. Used to rebuild budget counters.
+    /// cost). `key` and `model` narrow it; a routed request counts under the model that served
+    /// it (`routed_model`), as admission charged it. Used to rebuild budget counters.
     pub async fn sum_usage(
         &self,
         tenant: &str,
@@ -489,7 +490,8 @@ impl Store {
                    CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost \
                    FROM ledger WHERE tenant = $1 AND created_ms >= $2 AND created_ms < $3 \
                    AND created_ms + latency_ms < $4 \
-                   AND (CAST($5 AS TEXT) IS NULL OR key_id = CAST($5 AS TEXT)) AND (CAST($6 AS TEXT) IS NULL OR model = CAST($6 AS TEXT))";
+                   AND (CAST($5 AS TEXT) IS NULL OR key_id = CAST($5 AS TEXT)) \
+                   AND (CAST($6 AS TEXT) IS NULL OR COALESCE(routed_model, model) = CAST($6 AS TEXT))";
         macro_rules! sums {
             ($pool:expr, $sql:expr) => {{
                 let row = sqlx::query($sql)
@@ -534,5 +536,119 @@ impl Store {
                 .collect::<Result<_, sqlx::Error>>()?,
         };
         Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod sum_usage_tests {
+    use super::*;
+    use crate::ledger::{test_row, Routing};
+
+    /// Two plain requests on `small`, two routed by `auto` to `small`, one routed to `large`.
+    fn rows(now: i64) -> Vec<LedgerRow> {
+        let routed = |id: &str, served: &str| {
+            let mut row = test_row(id, now, None, 100);
+            row.model = "auto".into();
+            row.routing = Some(Routing {
+                route: "auto".into(),
+                tier: if served == "small" {
+                    "cheap"
+                } else {
+                    "premium"
+                }
+                .into(),
+                score: 0.5,
+                reason: "test".into(),
+                routed_model: served.into(),
+                premium_equivalent_micros: 300,
+            });
+            row
+        };
+        let plain = |id: &str| {
+            let mut row = test_row(id, now, None, 10);
+            row.model = "small".into();
+            row
+        };
+        vec![
+            plain("p1"),
+            plain("p2"),
+            routed("r1", "small"),
+            routed("r2", "small"),
+            routed("r3", "large"),
+        ]
+    }
+
+    async fn check(store: &Store) {
+        let now = 1_795_822_200_000;
+        store.insert_ledger_rows(&rows(now)).await.unwrap();
+        let sum = |model: Option<&'static str>| {
+            let store = store.clone();
+            async move {
+                store
+                    .sum_usage("acme", None, model, now - 1, now + 1, now + 10)
+                    .await
+                    .unwrap()
+            }
+        };
+        // A routed request counts under the model that served it, as admission charged it.
+        assert_eq!(sum(Some("small")).await, (4, 60, 220));
+        assert_eq!(sum(Some("large")).await, (1, 15, 100));
+        assert_eq!(sum(Some("auto")).await, (0, 0, 0));
+        assert_eq!(sum(None).await, (5, 75, 320));
+    }
+
+    #[tokio::test]
+    async fn routed_requests_count_under_the_served_model_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!(
+            "sqlite://{}",
+            dir.path().join("ledger.db").display()
+        ))
+        .await
+        .unwrap();
+        check(&store).await;
+    }
+
+    #[tokio::test]
+    async fn routed_requests_count_under_the_served_model_on_postgres() {
+        let admin = std::env::var("TOLLGATE_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let name = format!(
+            "tollgate_sum_usage_{}_{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        );
+        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+        let store = Store::open(&url).await.unwrap();
+        check(&store).await;
+        // The served-model filter leaves the sum on the (tenant, created_ms) index.
+        let Pool::Postgres(pg) = &store.pool else {
+            unreachable!()
+        };
+        let mut connection = pg.acquire().await.unwrap();
+        sqlx::query("SET enable_seqscan = off")
+            .execute(&mut *connection)
+            .await
+            .unwrap();
+        let plan: Vec<String> = sqlx::query_scalar(
+            "EXPLAIN SELECT COALESCE(SUM(cost_micros), 0) FROM ledger WHERE tenant = 'acme' \
+             AND created_ms >= 0 AND created_ms < 10 AND created_ms + latency_ms < 10 \
+             AND COALESCE(routed_model, model) = 'small'",
+        )
+        .fetch_all(&mut *connection)
+        .await
+        .unwrap();
+        let plan = plan.join("\n");
+        assert!(plan.contains("Index"), "{plan}");
+        drop(connection);
+        store.close().await;
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&pool)
+            .await;
     }
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tollgate_billing::budget::{
-    window, Charge, Counters, LocalCounters, Period, RedisCounters, Seed, Window,
+    amount, window, Added, Charge, CounterSeed, Counters, Facts, LocalCounters, Measure, Period,
+    RedisCounters, Seed, Window,
 };
 use tollgate_billing::price::{Price, Usage};
 use tollgate_billing::report::usd;
@@ -23,22 +24,38 @@ use sha2::Sha256;
 use crate::config::{Alerts, Budget, Metric, OnRedisDown, Policy, Tenant};
 use crate::proxy::error::ApiError;
 
-/// What a counter measures, for headers and messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Measure {
-    Micros,
-    Tokens,
-    Requests,
-}
-
 #[derive(Debug, Clone)]
 struct Planned {
     charge: Charge,
     measure: Measure,
     /// Per-minute rate limit (rather than a budget).
     rate: bool,
+    /// A rate limit's counter key without its minute: an extension charges the minute its
+    /// tokens are produced in, which may be a later one than the request's start.
+    minute_prefix: Option<String>,
     /// Human description, e.g. "monthly USD budget".
     label: String,
+}
+
+/// What [`Limits::extend`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extension {
+    /// The reservation now covers the extra output.
+    Granted,
+    /// A hard limit has no room for it.
+    Exhausted,
+    /// The counters cannot be reached and the tenant's policy is to fail closed.
+    Unavailable,
+}
+
+/// A hold of an extension on a counter other than its limit's own (a later minute of a rate
+/// limit).
+#[derive(Debug, Clone)]
+struct ExtraHold {
+    /// Index in `Admission::planned`.
+    planned: usize,
+    /// The counter, its window's end and the amount held on it (`amount`).
+    charge: Charge,
 }
 
 /// A request's reservation.
@@ -57,6 +74,16 @@ pub struct Admission {
     /// Reserved in Redis for a `fail_open` tenant: its settle is also mirrored in this
     /// replica's counters, which enforce its limits if Redis goes away.
     mirror: bool,
+    /// The tenant's time zone (minute windows of extensions).
+    time_zone: tollgate_billing::budget::Tz,
+    /// Holds of extensions on counters other than `planned`'s (whose `charge.amount` is what is
+    /// held on them, extensions included), in the order they were made.
+    extra: Vec<ExtraHold>,
+    /// The request's key, the model charged and when it was admitted: counters that a policy
+    /// reload adds while it runs count it from these at its settle.
+    key_id: String,
+    model: String,
+    admitted_ms: i64,
 }
 
 impl Admission {
@@ -70,7 +97,91 @@ impl Admission {
             price,
             local: false,
             mirror: false,
+            time_zone: tollgate_billing::budget::Tz::UTC,
+            extra: Vec::new(),
+            key_id: String::new(),
+            model: String::new(),
+            admitted_ms: 0,
         }
+    }
+
+    /// What counters added by a reload need to know of this request.
+    fn facts(&self, usage: Usage) -> Facts {
+        Facts {
+            created_ms: self.admitted_ms,
+            key: self.key_id.clone(),
+            model: self.model.clone(),
+            tokens: amount(usage.prompt.saturating_add(usage.completion)),
+            cost: amount(self.price.cost_micros(usage)),
+        }
+    }
+
+    /// Adds an extension's `charge` to the holds of limit `planned`.
+    fn hold(&mut self, planned: usize, charge: &Charge) {
+        let own = &mut self.planned[planned].charge;
+        if own.counter == charge.counter {
+            own.amount = own.amount.saturating_add(charge.amount);
+        } else if let Some(extra) = self
+            .extra
+            .iter_mut()
+            .find(|e| e.planned == planned && e.charge.counter == charge.counter)
+        {
+            extra.charge.amount = extra.charge.amount.saturating_add(charge.amount);
+        } else {
+            self.extra.push(ExtraHold {
+                planned,
+                charge: charge.clone(),
+            });
+        }
+    }
+
+    /// The settle's charges for real `usage`: one per limit on its own counter first (in
+    /// `planned`'s order: the alerts read them), then one per extra hold. A limit whose
+    /// extensions held other counters splits its real amount over them in the order they were
+    /// reserved, each taking at most what it held and the last the rest, so every hold is
+    /// released and the tokens land in the minute that held them.
+    fn settle_charges(&self, usage: Usage) -> Vec<Charge> {
+        let tokens = amount(usage.prompt.saturating_add(usage.completion));
+        let cost = amount(self.price.cost_micros(usage));
+        let mut charges = Vec::with_capacity(self.planned.len() + self.extra.len());
+        let mut extra = Vec::with_capacity(self.extra.len());
+        for (index, p) in self.planned.iter().enumerate() {
+            let mut left = match p.measure {
+                Measure::Micros => cost,
+                Measure::Tokens => tokens,
+                Measure::Requests => 1,
+            };
+            let mut holds: Vec<&Charge> = self
+                .extra
+                .iter()
+                .filter(|e| e.planned == index)
+                .map(|e| &e.charge)
+                .collect();
+            let mut take = |held: i64, last: bool| {
+                let amount = if last { left } else { left.min(held.max(0)) };
+                left -= amount;
+                amount
+            };
+            charges.push(Charge {
+                amount: take(p.charge.amount, holds.is_empty()),
+                ..p.charge.clone()
+            });
+            let last = holds.pop();
+            for hold in holds {
+                extra.push(Charge {
+                    amount: take(hold.amount, false),
+                    ..hold.clone()
+                });
+            }
+            if let Some(hold) = last {
+                extra.push(Charge {
+                    amount: take(hold.amount, true),
+                    ..hold.clone()
+                });
+            }
+        }
+        charges.extend(extra);
+        charges
     }
 
     /// Whether anything was reserved (a request under no limit has nothing to settle).
@@ -141,10 +252,43 @@ pub struct Limits {
     settling: crate::shutdown::Tracker,
     /// This replica's ledger: a rebuild waits for the rows its journal still holds.
     ledger: std::sync::OnceLock<tollgate_billing::ledger::LedgerSender>,
+    /// How long a settle is retried before it is abandoned to [`ABANDONED_SETTLES`].
+    settle_retry: Duration,
+    /// Settles Redis never took, kept (next to the ledger journal) until it does.
+    abandoned: std::path::PathBuf,
+    /// Serialises the appends to `abandoned` and its rewrites by the replay.
+    abandoned_lock: tokio::sync::Mutex<()>,
+    /// Set at shutdown: settles still retrying stop and are kept on disk.
+    stop_retrying: tokio::sync::watch::Sender<bool>,
+}
+
+/// The file, in the ledger's journal directory, where settles that Redis never took wait for it
+/// (one JSON [`Abandoned`] per line).
+pub const ABANDONED_SETTLES: &str = "abandoned-settles.jsonl";
+/// Overrides how long a settle is retried (milliseconds; tests shorten it).
+const SETTLE_RETRY_ENV: &str = "TOLLGATE_SETTLE_RETRY_MS";
+/// How long a settle is retried by default before it is kept on disk.
+const SETTLE_RETRY: Duration = Duration::from_secs(360);
+/// An abandoned settle older than this is dropped unapplied: Redis remembers settled request
+/// ids for 24 hours, past that a replay could count a settle that did land (its reply lost)
+/// twice.
+const ABANDONED_MAX_AGE_MS: i64 = 23 * 3_600_000;
+
+/// A settle that never reached Redis: replayed when it answers again (settle is idempotent per
+/// request id; the epoch leaves it out if a rebuild's ledger sum has it).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Abandoned {
+    tag: String,
+    request_id: String,
+    charges: Vec<Charge>,
+    ended_ms: i64,
+    facts: Facts,
 }
 
 /// Longest wait of a counter rebuild for this replica's journal to reach the database.
 const REBUILD_JOURNAL_WAIT: Duration = Duration::from_secs(30);
+/// Longest wait of a reload for another replica seeding a counter the policy added.
+const ADDED_SEED_WAIT: Duration = Duration::from_secs(30);
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -164,7 +308,12 @@ fn budget_counter(tag: &str, budget: &Budget, window: &Window) -> String {
 
 /// Key of a per-minute rate counter (`rpm` or `tpm`) of the tenant (`who` = `*`) or of a key.
 fn rate_counter(tag: &str, name: &str, who: &str, minute: &Window) -> String {
-    format!("tg:{{{tag}}}:{name}:{who}:{}", minute.label)
+    format!("{}:{}", rate_prefix(tag, name, who), minute.label)
+}
+
+/// A rate counter's key without its minute.
+fn rate_prefix(tag: &str, name: &str, who: &str) -> String {
+    format!("tg:{{{tag}}}:{name}:{who}")
 }
 
 /// A counter of the current windows and the slice of the ledger that rebuilds it.
@@ -231,8 +380,8 @@ fn plan(
     usage: Usage,
     price: Price,
 ) -> Vec<Planned> {
-    let tokens = (usage.prompt + usage.completion).min(i64::MAX as u64) as i64;
-    let cost = price.cost_micros(usage).min(i64::MAX as u64) as i64;
+    let tokens = amount(usage.prompt.saturating_add(usage.completion));
+    let cost = amount(price.cost_micros(usage));
     let tag = &tenant.name;
     let mut planned = Vec::new();
     for budget in &tenant.budgets {
@@ -257,6 +406,7 @@ fn plan(
             },
             measure,
             rate: false,
+            minute_prefix: None,
             label: format!("{period} {unit} budget"),
         });
     }
@@ -279,6 +429,7 @@ fn plan(
                     },
                     measure,
                     rate: true,
+                    minute_prefix: Some(rate_prefix(tag, name, who)),
                     label: format!("{scope} {} limit", name.to_uppercase()),
                 });
             }
@@ -306,6 +457,13 @@ impl Limits {
             background: tokio::runtime::Handle::current(),
             settling: Default::default(),
             ledger: std::sync::OnceLock::new(),
+            settle_retry: std::env::var(SETTLE_RETRY_ENV)
+                .ok()
+                .and_then(|ms| ms.parse().ok())
+                .map_or(SETTLE_RETRY, Duration::from_millis),
+            abandoned: policy.ledger_journal_dir.join(ABANDONED_SETTLES),
+            abandoned_lock: tokio::sync::Mutex::new(()),
+            stop_retrying: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -316,9 +474,14 @@ impl Limits {
     }
 
     /// Waits until every settle started so far is done (or `timeout` passes); true when none
-    /// is left.
+    /// is left. Past half of it, settles still retrying give up and are kept on disk, replayed
+    /// by the next run.
     pub async fn settled(&self, timeout: Duration) -> bool {
-        self.settling.idle(timeout).await
+        if self.settling.idle(timeout / 2).await {
+            return true;
+        }
+        self.stop_retrying.send_replace(true);
+        self.settling.idle(timeout / 2).await
     }
 
     /// The live state of one of a tenant's budgets.
@@ -387,40 +550,10 @@ impl Limits {
         let Some(epoch) = counters.begin_seed(&tenant.name, now_ms()).await? else {
             return Ok(());
         };
-        // Requests that ended before the epoch must all be in the ledger before it is summed.
-        let wait = epoch + lag.as_millis() as i64 - now_ms();
-        if wait > 0 {
-            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
-        }
-        if let Some(ledger) = self.ledger.get() {
-            // Rows journaled after `epoch + lag` belong to requests that ended after the epoch
-            // (their settles count them); older ones must be in the database before the sum.
-            let cut = epoch + lag.as_millis() as i64;
-            let written = crate::shutdown::wait_until(REBUILD_JOURNAL_WAIT, || {
-                ledger.stats().oldest_pending_ms().is_none_or(|at| at > cut)
-            })
-            .await;
-            if !written {
-                tracing::warn!(tenant = %tenant.name, "rebuilding counters while this replica's journal still holds rows the database has not taken; the counters may be low until the next rebuild");
-            }
-        }
+        self.await_ledger(&tenant.name, epoch, lag).await;
         let mut seeds = Vec::new();
         for spec in seed_specs(tenant, epoch) {
-            let (requests, tokens, cost) = store
-                .sum_usage(
-                    &tenant.name,
-                    spec.key.as_deref(),
-                    spec.model.as_deref(),
-                    spec.window.start_ms,
-                    spec.window.end_ms,
-                    epoch,
-                )
-                .await?;
-            let amount = match spec.measure {
-                Measure::Micros => cost,
-                Measure::Tokens => tokens,
-                Measure::Requests => requests,
-            };
+            let amount = self.ledger_sum(store, tenant, &spec, epoch).await?;
             seeds.push(Seed {
                 counter: spec.counter,
                 amount,
@@ -430,6 +563,153 @@ impl Limits {
         counters.finish_seed(&tenant.name, &seeds).await?;
         tracing::info!(tenant = %tenant.name, counters = seeds.len(), "budget counters rebuilt from the ledger");
         Ok(())
+    }
+
+    /// Waits until the ledger has every row of the requests that ended before `cut`: `lag` for
+    /// other replicas' rows, and this replica's journal for its own.
+    async fn await_ledger(&self, tenant: &str, cut: i64, lag: Duration) {
+        let wait = cut + lag.as_millis() as i64 - now_ms();
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        }
+        if let Some(ledger) = self.ledger.get() {
+            // Rows journaled after `cut + lag` belong to requests that ended after the cut
+            // (their settles count them); older ones must be in the database before the sum.
+            let after = cut + lag.as_millis() as i64;
+            let written = crate::shutdown::wait_until(REBUILD_JOURNAL_WAIT, || {
+                ledger
+                    .stats()
+                    .oldest_pending_ms()
+                    .is_none_or(|at| at > after)
+            })
+            .await;
+            if !written {
+                tracing::warn!(%tenant, "rebuilding counters while this replica's journal still holds rows the database has not taken; the counters may be low until the next rebuild");
+            }
+        }
+    }
+
+    /// What the ledger counts in a counter's window for requests that ended before `cut`.
+    async fn ledger_sum(
+        &self,
+        store: &Store,
+        tenant: &Tenant,
+        spec: &SeedSpec,
+        cut: i64,
+    ) -> anyhow::Result<i64> {
+        let (requests, tokens, cost) = store
+            .sum_usage(
+                &tenant.name,
+                spec.key.as_deref(),
+                spec.model.as_deref(),
+                spec.window.start_ms,
+                spec.window.end_ms,
+                cut,
+            )
+            .await?;
+        Ok(match spec.measure {
+            Measure::Micros => cost,
+            Measure::Tokens => tokens,
+            Measure::Requests => requests,
+        })
+    }
+
+    /// Seeds from the ledger the counters that `new` adds to tenants that `old` already limited
+    /// (a new budget or rate limit, a changed key, model, period, metric or time zone), before
+    /// `new` is swapped in: each starts from the tenant's spend in its window so far, not from
+    /// zero. Tenants that had no limits are rebuilt whole ([`Limits::rebuild`]).
+    pub async fn seed_added(&self, old: &Policy, new: &Policy, store: &Store, lag: Duration) {
+        let now = now_ms();
+        let mut added = Vec::new();
+        for tenant in new.tenants.values().filter(|t| t.has_limits()) {
+            let Some(before) = old.tenants.get(&tenant.name).filter(|t| t.has_limits()) else {
+                continue;
+            };
+            let known: std::collections::HashSet<String> = seed_specs(before, now)
+                .into_iter()
+                .map(|spec| spec.counter)
+                .collect();
+            added.extend(
+                seed_specs(tenant, now)
+                    .into_iter()
+                    .filter(|spec| !known.contains(&spec.counter))
+                    .map(|spec| (tenant, spec)),
+            );
+        }
+        if added.is_empty() {
+            return;
+        }
+        let stores = [
+            Some(&self.local as &dyn Counters),
+            self.shared.as_ref().map(|r| r as &dyn Counters),
+        ];
+        // Every cut-off first, then one wait for the ledger, then the sums.
+        let deadline = tokio::time::Instant::now() + ADDED_SEED_WAIT;
+        let mut pending: Vec<(&dyn Counters, &Tenant, &SeedSpec)> = Vec::new();
+        for counters in stores.into_iter().flatten() {
+            pending.extend(added.iter().map(|(tenant, spec)| (counters, *tenant, spec)));
+        }
+        while !pending.is_empty() {
+            let mut mine = Vec::new();
+            let mut busy = Vec::new();
+            for (counters, tenant, spec) in pending {
+                let scope = Added {
+                    counter: spec.counter.clone(),
+                    window_start_ms: spec.window.start_ms,
+                    window_end_ms: spec.window.end_ms,
+                    key: spec.key.clone(),
+                    model: spec.model.clone(),
+                    measure: spec.measure,
+                };
+                match counters
+                    .begin_counter_seed(&tenant.name, &scope, now_ms())
+                    .await
+                {
+                    Ok(CounterSeed::Ready) => {}
+                    Ok(CounterSeed::Busy) => busy.push((counters, tenant, spec)),
+                    Ok(CounterSeed::Seed(cut)) => mine.push((counters, tenant, spec, cut)),
+                    Err(e) => {
+                        tracing::warn!(tenant = %tenant.name, counter = %spec.counter, "seeding a counter the policy added failed: {e}")
+                    }
+                }
+            }
+            if let Some(last) = mine.iter().map(|m| m.3).max() {
+                self.await_ledger("*", last, lag).await;
+            }
+            for (counters, tenant, spec, cut) in mine {
+                let seeded = async {
+                    let amount = self.ledger_sum(store, tenant, spec, cut).await?;
+                    counters
+                        .finish_counter_seed(
+                            &tenant.name,
+                            &spec.counter,
+                            cut,
+                            amount,
+                            spec.window.end_ms,
+                        )
+                        .await?;
+                    anyhow::Ok(amount)
+                };
+                match seeded.await {
+                    Ok(amount) => {
+                        tracing::info!(tenant = %tenant.name, counter = %spec.counter, amount, "counter added by the policy seeded from the ledger")
+                    }
+                    Err(e) => {
+                        tracing::warn!(tenant = %tenant.name, counter = %spec.counter, "seeding a counter the policy added failed: {e:#}")
+                    }
+                }
+            }
+            // Counters another replica is seeding: ask again until they are ready (or its lock
+            // expires and this replica takes over).
+            if !busy.is_empty() {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(counters = busy.len(), "another replica is still seeding counters the policy added; reservations on them wait for it");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            pending = busy;
+        }
     }
 
     fn store(&self, local: bool) -> &dyn Counters {
@@ -451,15 +731,30 @@ impl Limits {
         output_tokens: u64,
         price: Price,
     ) -> Result<Admission, ApiError> {
-        if !tenant.has_limits() {
-            return Ok(Admission::none(price));
-        }
-        let now = now_ms();
         let worst = Usage {
             prompt: prompt_tokens,
             cached: 0,
             completion: output_tokens,
         };
+        self.admit_at(tenant, key_id, model, request_id, worst, price, now_ms())
+            .await
+    }
+
+    /// [`Limits::admit`] at `now` (Unix ms).
+    #[allow(clippy::too_many_arguments)]
+    async fn admit_at(
+        &self,
+        tenant: &Tenant,
+        key_id: &str,
+        model: &str,
+        request_id: &str,
+        worst: Usage,
+        price: Price,
+        now: i64,
+    ) -> Result<Admission, ApiError> {
+        if !tenant.has_limits() {
+            return Ok(Admission::none(price));
+        }
         let planned = plan(tenant, key_id, model, now, worst, price);
         if planned.is_empty() {
             return Ok(Admission::none(price));
@@ -494,12 +789,17 @@ impl Limits {
                 alerts: tenant.alerts.clone(),
                 planned,
                 rooms,
-                reserved_output: output_tokens,
+                reserved_output: worst.completion,
                 price,
                 local,
                 mirror: !local
                     && self.shared.is_some()
                     && tenant.on_redis_down == OnRedisDown::FailOpen,
+                time_zone: tenant.time_zone,
+                extra: Vec::new(),
+                key_id: key_id.to_string(),
+                model: model.to_string(),
+                admitted_ms: now,
             }),
             Err(denied) => {
                 let p = &planned[denied.index];
@@ -529,53 +829,101 @@ impl Limits {
         }
     }
 
-    /// Reserves `extra_output` more output tokens for a request that outgrew its reservation,
-    /// on the same counters (windows stay those of the request's start).
+    /// Reserves `extra_output` more output tokens for a request that outgrew its reservation.
+    /// Budgets are charged on the windows of the request's start (as the ledger counts it);
+    /// rate limits on the minute the tokens are produced in. When Redis is unreachable, a
+    /// `fail_open` tenant extends on this replica's counters and a `fail_closed` one gets
+    /// [`Extension::Unavailable`].
     pub async fn extend(
         &self,
         admission: &mut Admission,
         request_id: &str,
         extra_output: u64,
-    ) -> bool {
+    ) -> Extension {
+        self.extend_at(admission, request_id, extra_output, now_ms())
+            .await
+    }
+
+    /// [`Limits::extend`] at `now` (Unix ms).
+    async fn extend_at(
+        &self,
+        admission: &mut Admission,
+        request_id: &str,
+        extra_output: u64,
+        now: i64,
+    ) -> Extension {
         if !admission.is_limited() {
-            return true;
+            return Extension::Granted;
         }
         let extra = Usage {
-            prompt: 0,
-            cached: 0,
             completion: extra_output,
+            ..Default::default()
         };
-        let cost = admission.price.cost_micros(extra).min(i64::MAX as u64) as i64;
-        let charges: Vec<Charge> = admission
+        let cost = amount(admission.price.cost_micros(extra));
+        let minute = window(Period::Minute, admission.time_zone, now);
+        // (index in `planned`, charge): requests were counted at the start.
+        let charges: Vec<(usize, Charge)> = admission
             .planned
             .iter()
-            .map(|p| Charge {
-                amount: match p.measure {
+            .enumerate()
+            .filter_map(|(index, p)| {
+                let amount = match p.measure {
                     Measure::Micros => cost,
-                    Measure::Tokens => extra_output.min(i64::MAX as u64) as i64,
-                    Measure::Requests => 0,
-                },
-                ..p.charge.clone()
+                    Measure::Tokens => amount(extra_output),
+                    Measure::Requests => return None,
+                };
+                let mut charge = Charge {
+                    amount,
+                    ..p.charge.clone()
+                };
+                if let Some(prefix) = &p.minute_prefix {
+                    charge.counter = format!("{prefix}:{}", minute.label);
+                    charge.window_end_ms = minute.end_ms;
+                }
+                Some((index, charge))
             })
             .collect();
+        let grant = |admission: &mut Admission, rooms: Vec<i64>| {
+            for ((index, charge), room) in charges.iter().zip(rooms) {
+                admission.rooms[*index] = room;
+                admission.hold(*index, charge);
+            }
+            admission.reserved_output = admission.reserved_output.saturating_add(extra_output);
+            Extension::Granted
+        };
+        if charges.is_empty() {
+            return grant(admission, Vec::new());
+        }
+        let only: Vec<Charge> = charges.iter().map(|(_, c)| c.clone()).collect();
         let tag = admission.tag.clone();
-        let now = now_ms();
         let hold_until = now + self.hold.as_millis() as i64;
-        match self
+        let reserved = match self
             .store(admission.local)
-            .reserve(&tag, request_id, &charges, now, hold_until)
+            .reserve(&tag, request_id, &only, now, hold_until)
             .await
         {
-            Ok(Ok(rooms)) => {
-                admission.rooms = rooms;
-                admission.reserved_output = admission.reserved_output.saturating_add(extra_output);
-                true
+            Ok(reserved) => reserved,
+            // Reserved in Redis for a fail_open tenant: the extension goes on this replica's
+            // counters, and the settle releases it there (`LocalCounters::mirror`).
+            Err(unavailable) if admission.mirror => {
+                tracing::warn!(tenant = %tag, "{unavailable}; extending on this replica's counters (fail_open)");
+                match self
+                    .local
+                    .reserve(&tag, request_id, &only, now, hold_until)
+                    .await
+                {
+                    Ok(reserved) => reserved,
+                    Err(_) => return Extension::Unavailable,
+                }
             }
-            Ok(Err(_)) => false,
             Err(unavailable) => {
-                tracing::warn!("cannot extend a reservation: {unavailable}");
-                false
+                tracing::warn!(tenant = %tag, "cannot extend a reservation: {unavailable}; cutting (fail_closed)");
+                return Extension::Unavailable;
             }
+        };
+        match reserved {
+            Ok(rooms) => grant(admission, rooms),
+            Err(_) => Extension::Exhausted,
         }
     }
 
@@ -678,23 +1026,12 @@ impl Limits {
         if !admission.is_limited() {
             return;
         }
-        let tokens = (usage.prompt + usage.completion).min(i64::MAX as u64) as i64;
-        let cost = admission.price.cost_micros(usage).min(i64::MAX as u64) as i64;
-        let charges: Vec<Charge> = admission
-            .planned
-            .iter()
-            .map(|p| Charge {
-                amount: match p.measure {
-                    Measure::Micros => cost,
-                    Measure::Tokens => tokens,
-                    Measure::Requests => 1,
-                },
-                ..p.charge.clone()
-            })
-            .collect();
+        let charges = admission.settle_charges(usage);
+        let facts = admission.facts(usage);
         if admission.mirror {
             // This replica's own counters keep its spend, for fail_open while Redis is away.
-            self.local.mirror(&charges, now_ms());
+            self.local
+                .mirror(&admission.tag, &request_id, &charges, ended_ms, &facts);
         }
         let limits = self.clone();
         // Dropped with the task, run or not: shutdown never waits for a settle that is gone.
@@ -704,10 +1041,25 @@ impl Limits {
             let tag = &admission.tag;
             // The store that reserved settles first (its totals drive the alerts).
             let Some(totals) = limits
-                .settle_retrying(admission.local, tag, &request_id, &charges, ended_ms)
+                .settle_retrying(
+                    admission.local,
+                    tag,
+                    &request_id,
+                    &charges,
+                    ended_ms,
+                    &facts,
+                )
                 .await
             else {
-                tracing::error!(%request_id, "settle abandoned; the hold expires on its own");
+                limits
+                    .abandon(Abandoned {
+                        tag: tag.clone(),
+                        request_id,
+                        charges,
+                        ended_ms,
+                        facts,
+                    })
+                    .await;
                 return;
             };
             limits.alert(&admission, &charges, &totals).await;
@@ -717,17 +1069,118 @@ impl Limits {
             if admission.local
                 && limits.shared.is_some()
                 && limits
-                    .settle_retrying(false, tag, &request_id, &charges, ended_ms)
+                    .settle_retrying(false, tag, &request_id, &charges, ended_ms, &facts)
                     .await
                     .is_none()
             {
-                tracing::error!(%request_id, "settle in Redis of a request served while it was away abandoned; the counter misses it until its next rebuild");
+                limits
+                    .abandon(Abandoned {
+                        tag: tag.clone(),
+                        request_id,
+                        charges,
+                        ended_ms,
+                        facts,
+                    })
+                    .await;
             }
         });
     }
 
-    /// Settles on one store, retrying with backoff (about six minutes in all); the totals, or
-    /// `None` when it never went through.
+    /// Keeps a settle Redis did not take on disk, for [`Limits::replay_abandoned`].
+    async fn abandon(&self, entry: Abandoned) {
+        let _guard = self.abandoned_lock.lock().await;
+        let mut line = serde_json::to_vec(&entry).expect("serializable");
+        line.push(b'\n');
+        let written = (|| {
+            use std::io::Write;
+            if let Some(dir) = self.abandoned.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.abandoned)?;
+            file.write_all(&line)?;
+            file.sync_data()
+        })();
+        match written {
+            Ok(()) => {
+                tracing::error!(request_id = %entry.request_id, file = %self.abandoned.display(), "settle abandoned; kept on disk and replayed when Redis answers again")
+            }
+            Err(e) => {
+                tracing::error!(request_id = %entry.request_id, "settle abandoned and not kept ({e}); the hold expires on its own and the counter misses it until its next rebuild")
+            }
+        }
+    }
+
+    /// Replays, every `every`, the settles that Redis did not take (this run's or an earlier
+    /// one's), dropping each once applied.
+    pub async fn replay_abandoned(self: Arc<Self>, every: Duration) {
+        loop {
+            match self.replay_abandoned_once().await {
+                Ok(0) => {}
+                Ok(applied) => tracing::info!(applied, "abandoned settles applied"),
+                Err(e) => tracing::warn!("replaying abandoned settles failed: {e:#}"),
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// One pass over the abandoned settles: how many were applied.
+    async fn replay_abandoned_once(&self) -> anyhow::Result<usize> {
+        let Some(redis) = &self.shared else {
+            return Ok(0);
+        };
+        let _guard = self.abandoned_lock.lock().await;
+        let text = match std::fs::read_to_string(&self.abandoned) {
+            Ok(text) if !text.is_empty() => text,
+            Ok(_) => return Ok(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        let now = now_ms();
+        let mut kept = String::new();
+        let mut applied = 0;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let entry: Abandoned = match serde_json::from_str(line) {
+                Ok(entry) => entry,
+                Err(e) => {
+                    tracing::error!("dropping an unreadable abandoned settle ({e}): {line}");
+                    continue;
+                }
+            };
+            if now - entry.ended_ms > ABANDONED_MAX_AGE_MS {
+                tracing::error!(request_id = %entry.request_id, "dropping an abandoned settle older than Redis remembers settles; the counter misses it until its next rebuild");
+                continue;
+            }
+            match redis
+                .settle(
+                    &entry.tag,
+                    &entry.request_id,
+                    &entry.charges,
+                    entry.ended_ms,
+                    &entry.facts,
+                )
+                .await
+            {
+                Ok(_) => applied += 1,
+                Err(_) => {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+        }
+        if applied > 0 || kept.len() != text.len() {
+            let tmp = self.abandoned.with_extension("jsonl.tmp");
+            std::fs::write(&tmp, &kept)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &self.abandoned)?;
+        }
+        Ok(applied)
+    }
+
+    /// Settles on one store, retrying with backoff for `settle_retry` (six minutes unless
+    /// overridden); the totals, or `None` when it never went through.
     async fn settle_retrying(
         &self,
         local: bool,
@@ -735,21 +1188,29 @@ impl Limits {
         request_id: &str,
         charges: &[Charge],
         ended_ms: i64,
+        facts: &Facts,
     ) -> Option<Vec<i64>> {
+        let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(100);
-        for _ in 0..20 {
+        let mut stop = self.stop_retrying.subscribe();
+        loop {
             match self
                 .store(local)
-                .settle(tag, request_id, charges, ended_ms)
+                .settle(tag, request_id, charges, ended_ms, facts)
                 .await
             {
                 Ok(totals) => return Some(totals),
                 Err(e) => tracing::warn!(%request_id, "settle failed, retrying: {e}"),
             }
-            tokio::time::sleep(pause).await;
+            if started.elapsed() + pause > self.settle_retry {
+                return None;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = stop.wait_for(|stop| *stop) => return None,
+            }
             pause = (pause * 2).min(Duration::from_secs(30));
         }
-        None
     }
 }
 
@@ -780,11 +1241,11 @@ mod tests {
             input: 1_000_000,
             cached_input: 1_000_000,
             output: 1_000_000,
+            ..Default::default()
         };
         let usage = Usage {
             prompt: 60,
-            cached: 0,
-            completion: 0,
+            ..Default::default()
         };
         let reserve = |now: i64, id: &'static str| {
             let charges: Vec<Charge> = plan(tenant, "k", "m", now, usage, price)
@@ -809,6 +1270,238 @@ mod tests {
     }
 
     #[test]
+    fn a_huge_worst_case_charges_the_maximum_not_a_wrapped_sum() {
+        let (policy, name) = tenant(
+            "  - { name: t, tpm: 1000, budgets: [{ limit_tokens: 100, period: daily }, { limit_usd: 1, period: daily }] }\n",
+        );
+        let tenant = &policy.tenants[&name];
+        let usage = Usage {
+            prompt: 10,
+            completion: u64::MAX - 1,
+            ..Default::default()
+        };
+        let price = Price {
+            input: 1_000_000,
+            cached_input: 1_000_000,
+            output: 1_000_000,
+            ..Default::default()
+        };
+        let planned = plan(tenant, "k", "m", 0, usage, price);
+        assert_eq!(planned.len(), 3);
+        for p in &planned {
+            assert_eq!(
+                p.charge.amount,
+                tollgate_billing::budget::MAX_AMOUNT,
+                "{}",
+                p.label
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn local_counters_saturate_instead_of_wrapping() {
+        let counters = LocalCounters::default();
+        let max = tollgate_billing::budget::MAX_AMOUNT;
+        let soft = |amount: i64| Charge {
+            counter: "tg:{t}:b".into(),
+            limit: 10,
+            amount,
+            hard: false,
+            window_end_ms: i64::MAX,
+        };
+        for id in ["a", "b", "c"] {
+            let rooms = counters
+                .reserve("t", id, &[soft(i64::MAX)], 0, 1_000)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(
+                rooms[0] < 0,
+                "a soft charge beyond the limit leaves no room"
+            );
+        }
+        assert_eq!(counters.read("tg:{t}:b").await.unwrap(), (0, 3 * max));
+        let hard = Charge {
+            hard: true,
+            amount: 1,
+            ..soft(0)
+        };
+        assert!(counters
+            .reserve("t", "d", &[hard], 0, 1_000)
+            .await
+            .unwrap()
+            .is_err());
+    }
+
+    fn policy_with(head: &str, tenants: &str) -> Policy {
+        let yaml = format!(
+            "{head}backends: [{{ name: b, base_url: \"http://127.0.0.1:1\" }}]\nmodels:\n  - {{ name: m, price: {{ input: 1, output: 1 }}, targets: [{{ backend: b, model: m }}] }}\ntenants:\n{tenants}"
+        );
+        Policy::from_yaml(&yaml).unwrap()
+    }
+
+    fn one_per_token() -> Price {
+        Price {
+            input: 1_000_000,
+            cached_input: 1_000_000,
+            output: 1_000_000,
+            ..Default::default()
+        }
+    }
+
+    /// An admission as `admit` makes it after reserving in Redis (the test then takes Redis away).
+    fn reserved_in_redis(limits: &Limits, tenant: &Tenant, now: i64, usage: Usage) -> Admission {
+        let planned = plan(tenant, "k", "m", now, usage, one_per_token());
+        Admission {
+            tag: tenant.name.clone(),
+            alerts: None,
+            rooms: vec![0; planned.len()],
+            planned,
+            reserved_output: usage.completion,
+            price: one_per_token(),
+            local: false,
+            mirror: limits.shared.is_some() && tenant.on_redis_down == OnRedisDown::FailOpen,
+            time_zone: tenant.time_zone,
+            extra: Vec::new(),
+            key_id: "k".into(),
+            model: "m".into(),
+            admitted_ms: now,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_extension_without_redis_follows_the_tenants_on_redis_down() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let policy = policy_with(
+            &format!("redis_url: redis://127.0.0.1:{dead}\nredis_timeout_ms: 100\n"),
+            "  - { name: closed, budgets: [{ limit_tokens: 1000, period: total }] }\n  - { name: open, on_redis_down: fail_open, budgets: [{ limit_tokens: 1000, period: total }] }\n",
+        );
+        let limits = Arc::new(Limits::new(&policy).unwrap());
+        let now = now_ms();
+        let usage = Usage {
+            prompt: 10,
+            completion: 40,
+            ..Default::default()
+        };
+
+        // fail_closed: the stream is cut for the outage, not for a budget.
+        let mut closed = reserved_in_redis(&limits, &policy.tenants["closed"], now, usage);
+        assert_eq!(
+            limits.extend(&mut closed, "c1", 100).await,
+            Extension::Unavailable
+        );
+        assert_eq!(closed.reserved_output, 40);
+
+        // fail_open: the extension is held on this replica's counters...
+        let open = &policy.tenants["open"];
+        let mut admission = reserved_in_redis(&limits, open, now, usage);
+        assert_eq!(
+            limits.extend(&mut admission, "o1", 100).await,
+            Extension::Granted
+        );
+        assert_eq!(admission.reserved_output, 140);
+        let counter = admission.planned[0].charge.counter.clone();
+        assert_eq!(limits.local.read(&counter).await.unwrap(), (0, 100));
+        // ...and they still refuse what does not fit.
+        assert_eq!(
+            limits.extend(&mut admission, "o1", 2000).await,
+            Extension::Exhausted
+        );
+        // The settle counts the real usage here and releases that hold.
+        let used = Usage {
+            prompt: 10,
+            completion: 120,
+            ..Default::default()
+        };
+        limits.settle(admission, "o1".into(), used, now_ms());
+        assert_eq!(limits.local.read(&counter).await.unwrap(), (130, 0));
+    }
+
+    #[tokio::test]
+    async fn an_extension_charges_the_minute_its_tokens_are_produced_in() {
+        let policy = policy_with(
+            "",
+            "  - { name: t, tpm: 10000, rpm: 10, budgets: [{ limit_tokens: 100000, period: daily }] }\n",
+        );
+        let tenant = &policy.tenants["t"];
+        let limits = Arc::new(Limits::new(&policy).unwrap());
+        let start = ms("2026-05-01T10:00:50Z");
+        let worst = Usage {
+            prompt: 100,
+            completion: 40,
+            ..Default::default()
+        };
+        let mut admission = limits
+            .admit_at(tenant, "k", "m", "r", worst, one_per_token(), start)
+            .await
+            .unwrap();
+        let minute = |at: i64| {
+            rate_counter(
+                "t",
+                "tpm",
+                "*",
+                &window(Period::Minute, tenant.time_zone, at),
+            )
+        };
+        let rpm = |at: i64| {
+            rate_counter(
+                "t",
+                "rpm",
+                "*",
+                &window(Period::Minute, tenant.time_zone, at),
+            )
+        };
+        let daily = admission.planned[0].charge.counter.clone();
+        let (first, second) = (minute(start), minute(start + 20_000));
+        assert_ne!(first, second);
+        // An extension within the first minute adds to its hold; one in the next minute holds
+        // that minute's counter (budgets stay on the request's windows).
+        assert_eq!(
+            limits
+                .extend_at(&mut admission, "r", 60, start + 5_000)
+                .await,
+            Extension::Granted
+        );
+        assert_eq!(
+            limits
+                .extend_at(&mut admission, "r", 256, start + 20_000)
+                .await,
+            Extension::Granted
+        );
+        let read = |counter: String| {
+            let limits = limits.clone();
+            async move { limits.local.read(&counter).await.unwrap() }
+        };
+        assert_eq!(read(first.clone()).await, (0, 200));
+        assert_eq!(read(second.clone()).await, (0, 256));
+        assert_eq!(read(daily.clone()).await, (0, 456));
+        assert_eq!(read(rpm(start)).await, (0, 1));
+        assert_eq!(
+            read(rpm(start + 20_000)).await,
+            (0, 0),
+            "requests count once"
+        );
+
+        // The real usage fills the holds in the order they were made: every hold is released
+        // and the minutes add up to the request's tokens.
+        let used = Usage {
+            prompt: 100,
+            completion: 250,
+            ..Default::default()
+        };
+        limits.settle(admission, "r".into(), used, start + 30_000);
+        assert!(limits.settled(Duration::from_secs(5)).await);
+        assert_eq!(read(first).await, (200, 0));
+        assert_eq!(read(second).await, (150, 0));
+        assert_eq!(read(daily).await, (350, 0));
+        assert_eq!(read(rpm(start)).await, (1, 0));
+    }
+
+    #[test]
     fn charges_follow_key_and_model_scopes() {
         let (policy, name) = tenant(
             "  - name: t\n    rpm: 10\n    key_limits: [{ key: k1, tpm: 50 }]\n    budgets:\n      - { limit_usd: 1, period: daily }\n      - { limit_tokens: 5, period: total, key: k2 }\n      - { limit_tokens: 5, period: total, model: m, mode: soft }\n",
@@ -816,8 +1509,8 @@ mod tests {
         let tenant = &policy.tenants[&name];
         let usage = Usage {
             prompt: 3,
-            cached: 0,
             completion: 4,
+            ..Default::default()
         };
         let labels = |key: &str| -> Vec<String> {
             plan(tenant, key, "m", 0, usage, Price::default())

@@ -252,6 +252,8 @@ async fn start_background(
     let lag = policy.ledger_flush_interval * 2 + std::time::Duration::from_secs(1);
     if policy.redis_url.is_some() {
         limits.rebuild(policy, &store, lag, false).await;
+        // Settles Redis did not take (this run's, or left on disk by an earlier one).
+        tokio::spawn(limits.clone().replay_abandoned(std::time::Duration::from_secs(2)));
         tokio::spawn(rebuild_counters(
             current,
             store.clone(),

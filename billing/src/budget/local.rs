@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Charge, Counters, Denied, Seed, Unavailable};
+use super::{Added, Charge, CounterSeed, Counters, Denied, Facts, Seed, Unavailable};
 
 /// How long a settled request id is remembered, so a repeated settle is ignored.
 const SETTLED_MEMORY_MS: i64 = 24 * 3_600_000;
@@ -23,6 +23,8 @@ struct State {
     settled: HashMap<String, i64>,
     /// Tenant -> epoch of its rebuild from the ledger.
     epochs: HashMap<String, i64>,
+    /// Tenant -> counters a policy reload added (seeded on their own).
+    added: HashMap<String, Vec<String>>,
     operations: u64,
 }
 
@@ -35,6 +37,10 @@ struct Counter {
     /// Request id -> (amount held, hold expiry).
     holds: HashMap<String, (i64, i64)>,
     window_end_ms: i64,
+    /// `seed` was written from the ledger.
+    seeded: bool,
+    /// Added by a policy reload: the cut-off of its own seed, and what it counts.
+    added: Option<(i64, Added)>,
 }
 
 impl Counter {
@@ -43,7 +49,7 @@ impl Counter {
         self.holds.retain(|_, (amount, until)| {
             let keep = *until > now_ms;
             if !keep {
-                *reserved -= *amount;
+                *reserved = reserved.saturating_sub(*amount);
             }
             keep
         });
@@ -63,18 +69,56 @@ impl State {
     }
 }
 
+impl State {
+    /// Counts a request in the counters a reload added while it ran (it reserved nothing on
+    /// them, `charges` does not name them) when it ended after their cut-off and falls in their
+    /// scope.
+    fn count_added(&mut self, tag: &str, charges: &[Charge], ended_ms: i64, facts: &Facts) {
+        let Some(added) = self.added.remove(tag) else {
+            return;
+        };
+        let mut kept = Vec::with_capacity(added.len());
+        for name in added {
+            let Some(counter) = self.counters.get_mut(&name) else {
+                continue; // swept with its window
+            };
+            if !charges.iter().any(|c| c.counter == name) {
+                if let Some((cut, scope)) = &counter.added {
+                    if let Some(amount) = scope.amount(facts).filter(|_| ended_ms >= *cut) {
+                        counter.used = counter.used.saturating_add(super::clamp(amount));
+                    }
+                }
+            }
+            kept.push(name);
+        }
+        self.added.insert(tag.to_string(), kept);
+    }
+}
+
 impl LocalCounters {
     /// Adds usage that was reserved and settled in another store (Redis) for a request of this
     /// replica, so that these counters keep knowing this replica's spend: they are what
-    /// `fail_open` enforces when Redis is away. Called once per request; no hold involved.
-    pub fn mirror(&self, charges: &[Charge], now_ms: i64) {
+    /// `fail_open` enforces when Redis is away. Called once per request; it also releases the
+    /// request's holds here (an extension reserved here while Redis was unreachable).
+    pub fn mirror(
+        &self,
+        tag: &str,
+        request_id: &str,
+        charges: &[Charge],
+        ended_ms: i64,
+        facts: &Facts,
+    ) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.sweep(now_ms);
+        state.sweep(ended_ms);
         for charge in charges {
             let counter = state.counters.entry(charge.counter.clone()).or_default();
             counter.window_end_ms = charge.window_end_ms;
-            counter.used += charge.amount;
+            if let Some((held, _)) = counter.holds.remove(request_id) {
+                counter.reserved = counter.reserved.saturating_sub(held);
+            }
+            counter.used = counter.used.saturating_add(super::clamp(charge.amount));
         }
+        state.count_added(tag, charges, ended_ms, facts);
     }
 }
 
@@ -93,25 +137,36 @@ impl Counters for LocalCounters {
         let mut rooms = Vec::with_capacity(charges.len());
         for (index, charge) in charges.iter().enumerate() {
             let counter = state.counters.entry(charge.counter.clone()).or_default();
+            if counter.added.is_some() && !counter.seeded {
+                return Err(Unavailable(
+                    "a counter added by a policy reload is being seeded from the ledger".into(),
+                ));
+            }
             counter.window_end_ms = charge.window_end_ms;
             counter.release_expired(now_ms);
-            let room = charge.limit - counter.seed - counter.used - counter.reserved;
-            if charge.hard && charge.amount > room {
+            let amount = super::clamp(charge.amount);
+            let room = charge
+                .limit
+                .saturating_sub(counter.seed)
+                .saturating_sub(counter.used)
+                .saturating_sub(counter.reserved);
+            if charge.hard && amount > room {
                 return Ok(Err(Denied { index, room }));
             }
-            rooms.push(room - charge.amount);
+            rooms.push(room.saturating_sub(amount));
         }
         for charge in charges {
             let counter = state
                 .counters
                 .get_mut(&charge.counter)
                 .expect("created above");
-            counter.reserved += charge.amount;
+            let amount = super::clamp(charge.amount);
+            counter.reserved = counter.reserved.saturating_add(amount);
             let hold = counter
                 .holds
                 .entry(request_id.to_string())
                 .or_insert((0, hold_until_ms));
-            hold.0 += charge.amount;
+            hold.0 = hold.0.saturating_add(amount);
             hold.1 = hold_until_ms;
         }
         Ok(Ok(rooms))
@@ -123,6 +178,7 @@ impl Counters for LocalCounters {
         request_id: &str,
         charges: &[Charge],
         ended_ms: i64,
+        facts: &Facts,
     ) -> Result<Vec<i64>, Unavailable> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.epochs.get(tag).is_some_and(|epoch| ended_ms < *epoch) {
@@ -141,11 +197,19 @@ impl Counters for LocalCounters {
             let counter = state.counters.entry(charge.counter.clone()).or_default();
             counter.window_end_ms = charge.window_end_ms;
             if let Some((held, _)) = counter.holds.remove(request_id) {
-                counter.reserved -= held;
+                counter.reserved = counter.reserved.saturating_sub(held);
             }
-            counter.used += charge.amount;
-            totals.push(counter.seed + counter.used);
+            // Ended before an added counter's cut-off: its ledger sum has it.
+            if counter
+                .added
+                .as_ref()
+                .is_none_or(|(cut, _)| ended_ms >= *cut)
+            {
+                counter.used = counter.used.saturating_add(super::clamp(charge.amount));
+            }
+            totals.push(counter.seed.saturating_add(counter.used));
         }
+        state.count_added(tag, charges, ended_ms, facts);
         Ok(totals)
     }
 
@@ -179,7 +243,55 @@ impl Counters for LocalCounters {
         for seed in seeds {
             let counter = state.counters.entry(seed.counter.clone()).or_default();
             counter.seed = seed.amount;
+            counter.seeded = true;
             counter.window_end_ms = seed.window_end_ms;
+        }
+        Ok(())
+    }
+
+    async fn begin_counter_seed(
+        &self,
+        tag: &str,
+        added: &Added,
+        now_ms: i64,
+    ) -> Result<CounterSeed, Unavailable> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.epochs.contains_key(tag) {
+            return Ok(CounterSeed::Ready); // the tenant's own rebuild seeds every counter
+        }
+        let counter = state.counters.entry(added.counter.clone()).or_default();
+        if counter.seeded {
+            return Ok(CounterSeed::Ready);
+        }
+        if let Some((cut, _)) = &counter.added {
+            return Ok(CounterSeed::Seed(*cut));
+        }
+        // Whatever it counted before the cut-off is in the ledger sum.
+        counter.used = 0;
+        counter.window_end_ms = added.window_end_ms;
+        counter.added = Some((now_ms, added.clone()));
+        state
+            .added
+            .entry(tag.to_string())
+            .or_default()
+            .push(added.counter.clone());
+        Ok(CounterSeed::Seed(now_ms))
+    }
+
+    async fn finish_counter_seed(
+        &self,
+        _tag: &str,
+        counter: &str,
+        cut: i64,
+        amount: i64,
+        _window_end_ms: i64,
+    ) -> Result<(), Unavailable> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(counter) = state.counters.get_mut(counter) {
+            if counter.added.as_ref().is_some_and(|(c, _)| *c == cut) {
+                counter.seed = amount;
+                counter.seeded = true;
+            }
         }
         Ok(())
     }
@@ -189,6 +301,6 @@ impl Counters for LocalCounters {
         Ok(state
             .counters
             .get(counter)
-            .map_or((0, 0), |c| (c.seed + c.used, c.reserved)))
+            .map_or((0, 0), |c| (c.seed.saturating_add(c.used), c.reserved)))
     }
 }

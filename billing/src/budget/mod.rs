@@ -20,8 +20,23 @@ pub use local::LocalCounters;
 pub use redis_store::RedisCounters;
 pub use window::{window, Period, Window};
 
+/// The largest amount a counter takes in one charge or holds in all: 2^53 - 1, the largest
+/// integer Redis' Lua (doubles) still represents exactly. A worst case beyond it (a huge
+/// `max_tokens` reservation) is charged as this maximum, never as a wrapped sum.
+pub const MAX_AMOUNT: i64 = (1 << 53) - 1;
+
+/// `value` as a charge amount: saturated at [`MAX_AMOUNT`].
+pub fn amount(value: u64) -> i64 {
+    value.min(MAX_AMOUNT as u64) as i64
+}
+
+/// `amount` clamped to what a counter takes (`±MAX_AMOUNT`).
+pub fn clamp(amount: i64) -> i64 {
+    amount.clamp(-MAX_AMOUNT, MAX_AMOUNT)
+}
+
 /// One limit a request is charged against.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Charge {
     /// Counter key, window included (e.g. `tg:{acme}:b:usd.monthly.*.*:2026-11`).
     pub counter: String,
@@ -61,6 +76,78 @@ pub struct Seed {
     pub window_end_ms: i64,
 }
 
+/// What a request was, for the counters it did not reserve on: a counter that a policy reload
+/// added while the request ran counts it at its settle (see [`Counters::begin_counter_seed`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Facts {
+    /// When the request was admitted (its windows); Unix ms.
+    pub created_ms: i64,
+    pub key: String,
+    /// The model that served (a route's chosen model).
+    pub model: String,
+    /// Prompt plus completion tokens.
+    pub tokens: i64,
+    /// Micro-dollars.
+    pub cost: i64,
+}
+
+/// What a counter added to a running policy counts: requests of its window, narrowed to a key
+/// and a model; `measure` is what each adds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Added {
+    pub counter: String,
+    pub window_start_ms: i64,
+    pub window_end_ms: i64,
+    pub key: Option<String>,
+    pub model: Option<String>,
+    pub measure: Measure,
+}
+
+impl Added {
+    /// Whether `facts` falls in this counter's scope, and what it adds to it.
+    fn amount(&self, facts: &Facts) -> Option<i64> {
+        let in_scope = facts.created_ms >= self.window_start_ms
+            && facts.created_ms < self.window_end_ms
+            && self.key.as_ref().is_none_or(|k| *k == facts.key)
+            && self.model.as_ref().is_none_or(|m| *m == facts.model);
+        in_scope.then(|| match self.measure {
+            Measure::Micros => facts.cost,
+            Measure::Tokens => facts.tokens,
+            Measure::Requests => 1,
+        })
+    }
+}
+
+/// What a counter measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measure {
+    Micros,
+    Tokens,
+    Requests,
+}
+
+impl Measure {
+    fn code(self) -> &'static str {
+        match self {
+            Measure::Micros => "c",
+            Measure::Tokens => "t",
+            Measure::Requests => "r",
+        }
+    }
+}
+
+/// The answer of [`Counters::begin_counter_seed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterSeed {
+    /// Nothing to do: already seeded (or the tenant's own rebuild will seed it).
+    Ready,
+    /// Another replica is seeding it: ask again in a moment.
+    Busy,
+    /// This caller seeds it: sum the ledger's requests that ended before this cut-off and call
+    /// [`Counters::finish_counter_seed`].
+    Seed(i64),
+}
+
 /// Counters for one tenant (`tag`) live together; a tenant whose counters were lost (a cold or
 /// flushed Redis) is *rebuilt* from the ledger: [`Counters::begin_seed`] fixes an epoch; settles
 /// of requests that end at or after it count in the counters, earlier ones come from the ledger
@@ -84,12 +171,16 @@ pub trait Counters: Send + Sync {
     /// instant its ledger row records (`created_ms + latency_ms`). Returns each counter's counted
     /// total after the settle, or nothing when this call changed nothing (already settled, or
     /// left to a ledger rebuild).
+    ///
+    /// Counters a policy reload added while the request ran (it reserved nothing on them) also
+    /// count it, from `facts`, when it ended at or after their cut-off and falls in their scope.
     async fn settle(
         &self,
         tag: &str,
         request_id: &str,
         charges: &[Charge],
         ended_ms: i64,
+        facts: &Facts,
     ) -> Result<Vec<i64>, Unavailable>;
 
     /// True exactly once per `marker` (until `expire_at_ms`), across every replica sharing the
@@ -110,6 +201,29 @@ pub trait Counters: Send + Sync {
 
     /// Writes the ledger sums (requests that ended before the epoch) and opens the tenant again.
     async fn finish_seed(&self, tag: &str, seeds: &[Seed]) -> Result<(), Unavailable>;
+
+    /// Starts seeding one counter that a policy reload added to a tenant whose counters are
+    /// ready (a new budget, or one whose scope or period changed): from its cut-off on, every
+    /// settle of the tenant's requests in its scope counts in it (those admitted under the
+    /// older policy too, from their [`Facts`]); requests that ended before the cut-off come
+    /// from the ledger sum [`Counters::finish_counter_seed`] writes. Reservations on it are
+    /// refused as unavailable until then.
+    async fn begin_counter_seed(
+        &self,
+        tag: &str,
+        added: &Added,
+        now_ms: i64,
+    ) -> Result<CounterSeed, Unavailable>;
+
+    /// Writes the ledger sum of an added counter (requests that ended before `cut`) and opens it.
+    async fn finish_counter_seed(
+        &self,
+        tag: &str,
+        counter: &str,
+        cut: i64,
+        amount: i64,
+        window_end_ms: i64,
+    ) -> Result<(), Unavailable>;
 }
 
 #[cfg(test)]

@@ -8,6 +8,14 @@
 //! Per tenant: `tg:{t}:ready` (counters usable), `tg:{t}:epoch` (the rebuild's cut-off) and
 //! `tg:{t}:seeding` (the rebuild lock). A flushed or restarted Redis loses `ready` with the
 //! counters, so reservations stop until a replica has rebuilt them.
+//!
+//! A counter that a policy reload adds to a ready tenant is seeded on its own: its hash gets
+//! `cut` (its own cut-off) and its scope (`a.start`, `a.end`, `a.measure`, `a.key`, `a.model`),
+//! and the tenant's `tg:{t}:added` hash lists it. Reservations on it wait for its `seed`;
+//! every settle counts the request in it when it ended at or after `cut` and falls in its
+//! scope, also a request admitted under the older policy (which reserved nothing on it): the
+//! settle script reads those counters by name, so they must live on the tenant's slot, as
+//! every `tg:{t}:` key does.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,7 +24,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use super::{Charge, Counters, Denied, Seed, Unavailable};
+use super::{Added, Charge, CounterSeed, Counters, Denied, Facts, Seed, Unavailable};
 
 /// How long a settled request id is remembered in Redis.
 const SETTLED_MEMORY_MS: i64 = 24 * 3_600_000;
@@ -38,7 +46,9 @@ for i = 1, n do
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
   local base = 4 + (i - 1) * 4
   local limit, amount, hard = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), ARGV[base + 3] == '1'
-  local counted = redis.call('HMGET', c, 'seed', 'used', 'reserved')
+  local counted = redis.call('HMGET', c, 'seed', 'used', 'reserved', 'cut')
+  -- Added by a policy reload and not seeded from the ledger yet.
+  if counted[4] and not counted[1] then return {2} end
   local room = limit - tonumber(counted[1] or '0') - tonumber(counted[2] or '0') - tonumber(counted[3] or '0')
   if hard and amount > room then return {0, i, room} end
   rooms[i] = room - amount
@@ -66,19 +76,41 @@ local epoch = redis.call('GET', KEYS[2])
 -- Cold, or ended before the rebuild's cut-off: the ledger sum counts this request.
 if not epoch or ended < tonumber(epoch) then return {} end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[3]) then return {} end
+local base = 9
+local charged = {}
 local totals = {}
 for i = 1, n do
-  local c, z = KEYS[2*i+1], KEYS[2*i+2]
+  local c, z = KEYS[2*i+2], KEYS[2*i+3]
+  charged[c] = true
   local held = redis.call('HGET', c, 'r:' .. id)
   if held then
     redis.call('HINCRBY', c, 'reserved', -tonumber(held))
     redis.call('HDEL', c, 'r:' .. id)
     redis.call('ZREM', z, id)
   end
-  local used = redis.call('HINCRBY', c, 'used', tonumber(ARGV[4 + i]))
+  local add = ARGV[base + i]
+  -- Ended before an added counter's own cut-off: its ledger sum has it.
+  local cut = redis.call('HGET', c, 'cut')
+  if cut and ended < tonumber(cut) then add = 0 end
+  local used = redis.call('HINCRBY', c, 'used', add)
   totals[i] = used + tonumber(redis.call('HGET', c, 'seed') or '0')
-  local expire_at = tonumber(ARGV[4 + n + i])
+  local expire_at = tonumber(ARGV[base + n + i])
   if expire_at > 0 then redis.call('PEXPIREAT', c, expire_at) end
+end
+-- Counters a policy reload added while this request ran: it reserved nothing on them.
+local created, kid, model = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+for _, c in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if not charged[c] then
+    local f = redis.call('HMGET', c, 'cut', 'a.start', 'a.end', 'a.measure', 'a.key', 'a.model')
+    if not f[1] then
+      redis.call('HDEL', KEYS[3], c) -- expired with its window
+    elseif ended >= tonumber(f[1]) and created >= tonumber(f[2]) and created < tonumber(f[3])
+        and (f[5] == '' or f[5] == kid) and (f[6] == '' or f[6] == model) then
+      local add = '1'
+      if f[4] == 'c' then add = ARGV[9] elseif f[4] == 't' then add = ARGV[8] end
+      redis.call('HINCRBY', c, 'used', add)
+    end
+  end
 end
 return totals
 "#;
@@ -102,6 +134,38 @@ redis.call('DEL', KEYS[2])
 return 1
 "#;
 
+const BEGIN_COUNTER_SEED: &str = r#"
+-- Cold: the tenant's own rebuild seeds every counter of the policy.
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local f = redis.call('HMGET', KEYS[3], 'seed', 'cut')
+if f[1] then return {0} end
+if not redis.call('SET', KEYS[4], ARGV[3], 'NX', 'PX', ARGV[2]) then
+  if redis.call('GET', KEYS[4]) ~= ARGV[3] then return {1} end
+end
+local cut = f[2]
+if not cut then
+  cut = ARGV[1]
+  -- Whatever it counted before the cut-off is in the ledger sum.
+  redis.call('HSET', KEYS[3], 'cut', cut, 'used', 0, 'a.start', ARGV[4], 'a.end', ARGV[5],
+    'a.measure', ARGV[6], 'a.key', ARGV[7], 'a.model', ARGV[8])
+  redis.call('HSET', KEYS[2], KEYS[3], cut)
+  local expire_at = tonumber(ARGV[9])
+  if expire_at > 0 then redis.call('PEXPIREAT', KEYS[3], expire_at) end
+end
+return {2, tonumber(cut)}
+"#;
+
+const FINISH_COUNTER_SEED: &str = r#"
+local cut = redis.call('HGET', KEYS[1], 'cut')
+if cut and tonumber(cut) == tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'seed', ARGV[2])
+  local expire_at = tonumber(ARGV[3])
+  if expire_at > 0 then redis.call('PEXPIREAT', KEYS[1], expire_at) end
+end
+redis.call('DEL', KEYS[2])
+return 1
+"#;
+
 /// How long one replica may hold the rebuild lock of a tenant.
 const SEED_LOCK_MS: i64 = 60_000;
 
@@ -114,6 +178,8 @@ pub struct RedisCounters {
     settle: Script,
     begin_seed: Script,
     finish_seed: Script,
+    begin_counter_seed: Script,
+    finish_counter_seed: Script,
     /// Identifies this process as the holder of a rebuild lock.
     owner: String,
 }
@@ -130,6 +196,8 @@ impl RedisCounters {
             settle: Script::new(SETTLE),
             begin_seed: Script::new(BEGIN_SEED),
             finish_seed: Script::new(FINISH_SEED),
+            begin_counter_seed: Script::new(BEGIN_COUNTER_SEED),
+            finish_counter_seed: Script::new(FINISH_COUNTER_SEED),
             owner: format!(
                 "{}-{}",
                 std::process::id(),
@@ -207,7 +275,7 @@ impl Counters for RedisCounters {
                 .key(holds_key(&charge.counter));
             invocation
                 .arg(charge.limit)
-                .arg(charge.amount)
+                .arg(super::clamp(charge.amount))
                 .arg(u8::from(charge.hard))
                 .arg(expire_at(charge.window_end_ms));
         }
@@ -235,24 +303,31 @@ impl Counters for RedisCounters {
         request_id: &str,
         charges: &[Charge],
         ended_ms: i64,
+        facts: &Facts,
     ) -> Result<Vec<i64>, Unavailable> {
         let mut connection = self.connection().await?;
         let mut invocation = self.settle.prepare_invoke();
         invocation
             .key(tenant_key(tag, &format!("settled:{request_id}")))
-            .key(tenant_key(tag, "epoch"));
+            .key(tenant_key(tag, "epoch"))
+            .key(tenant_key(tag, "added"));
         invocation
             .arg(request_id)
             .arg(charges.len())
             .arg(SETTLED_MEMORY_MS)
-            .arg(ended_ms);
+            .arg(ended_ms)
+            .arg(facts.created_ms)
+            .arg(&facts.key)
+            .arg(&facts.model)
+            .arg(super::clamp(facts.tokens))
+            .arg(super::clamp(facts.cost));
         for charge in charges {
             invocation
                 .key(&charge.counter)
                 .key(holds_key(&charge.counter));
         }
         for charge in charges {
-            invocation.arg(charge.amount);
+            invocation.arg(super::clamp(charge.amount));
         }
         for charge in charges {
             invocation.arg(expire_at(charge.window_end_ms));
@@ -306,11 +381,68 @@ impl Counters for RedisCounters {
         invocation.arg(seeds.len());
         for seed in seeds {
             invocation.key(&seed.counter);
-            invocation.arg(seed.amount);
+            invocation.arg(super::clamp(seed.amount));
         }
         for seed in seeds {
             invocation.arg(expire_at(seed.window_end_ms));
         }
+        let _: i64 = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn begin_counter_seed(
+        &self,
+        tag: &str,
+        added: &Added,
+        now_ms: i64,
+    ) -> Result<CounterSeed, Unavailable> {
+        let mut connection = self.connection().await?;
+        let mut invocation = self.begin_counter_seed.prepare_invoke();
+        invocation
+            .key(tenant_key(tag, "ready"))
+            .key(tenant_key(tag, "added"))
+            .key(&added.counter)
+            .key(format!("{}:seeding", added.counter));
+        invocation
+            .arg(now_ms)
+            .arg(SEED_LOCK_MS)
+            .arg(&self.owner)
+            .arg(added.window_start_ms)
+            .arg(added.window_end_ms)
+            .arg(added.measure.code())
+            .arg(added.key.as_deref().unwrap_or(""))
+            .arg(added.model.as_deref().unwrap_or(""))
+            .arg(expire_at(added.window_end_ms));
+        let reply: Vec<i64> = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+        match reply.as_slice() {
+            [0] => Ok(CounterSeed::Ready),
+            [1] => Ok(CounterSeed::Busy),
+            [2, cut] => Ok(CounterSeed::Seed(*cut)),
+            other => Err(Unavailable(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn finish_counter_seed(
+        &self,
+        _tag: &str,
+        counter: &str,
+        cut: i64,
+        amount: i64,
+        window_end_ms: i64,
+    ) -> Result<(), Unavailable> {
+        let mut connection = self.connection().await?;
+        let mut invocation = self.finish_counter_seed.prepare_invoke();
+        invocation.key(counter).key(format!("{counter}:seeding"));
+        invocation
+            .arg(cut)
+            .arg(super::clamp(amount))
+            .arg(expire_at(window_end_ms));
         let _: i64 = invocation
             .invoke_async(&mut connection)
             .await
@@ -328,6 +460,9 @@ impl Counters for RedisCounters {
             .query_async(&mut connection)
             .await
             .map_err(|e| Unavailable(e.to_string()))?;
-        Ok((seed.unwrap_or(0) + used.unwrap_or(0), reserved.unwrap_or(0)))
+        Ok((
+            seed.unwrap_or(0).saturating_add(used.unwrap_or(0)),
+            reserved.unwrap_or(0),
+        ))
     }
 }

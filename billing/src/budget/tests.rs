@@ -73,7 +73,13 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
         Ok(vec![-10])
     );
     counters
-        .settle(&tag, "r3", &[charge(&budget, 100, 0, false)], now)
+        .settle(
+            &tag,
+            "r3",
+            &[charge(&budget, 100, 0, false)],
+            now,
+            &Facts::default(),
+        )
         .await
         .unwrap();
 
@@ -84,6 +90,7 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
             "r2",
             &[charge(&rpm, 10, 1, true), charge(&budget, 100, 45, true)],
             now,
+            &Facts::default(),
         )
         .await
         .unwrap();
@@ -93,6 +100,7 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
             "r2",
             &[charge(&rpm, 10, 1, true), charge(&budget, 100, 45, true)],
             now,
+            &Facts::default(),
         )
         .await
         .unwrap();
@@ -115,7 +123,13 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
     );
     assert_eq!(counters.read(&budget).await.unwrap(), (45, 50));
     counters
-        .settle(&tag, "r4", &[charge(&budget, 100, 48, true)], now)
+        .settle(
+            &tag,
+            "r4",
+            &[charge(&budget, 100, 48, true)],
+            now,
+            &Facts::default(),
+        )
         .await
         .unwrap();
     assert_eq!(counters.read(&budget).await.unwrap(), (93, 0));
@@ -144,19 +158,37 @@ async fn behaves(counters: &dyn Counters, prefix: &str) {
     );
     // Its late settle still bills what was really used.
     counters
-        .settle(&tag, "r5", &[charge(&budget, 100, 2, true)], now + 12)
+        .settle(
+            &tag,
+            "r5",
+            &[charge(&budget, 100, 2, true)],
+            now + 12,
+            &Facts::default(),
+        )
         .await
         .unwrap();
     assert_eq!(counters.read(&budget).await.unwrap(), (95, 7));
 
     // Settle reports the counted totals, once.
     let totals = counters
-        .settle(&tag, "r6", &[charge(&budget, 100, 1, true)], now + 13)
+        .settle(
+            &tag,
+            "r6",
+            &[charge(&budget, 100, 1, true)],
+            now + 13,
+            &Facts::default(),
+        )
         .await
         .unwrap();
     assert_eq!(totals, vec![96]);
     assert!(counters
-        .settle(&tag, "r6", &[charge(&budget, 100, 1, true)], now + 14)
+        .settle(
+            &tag,
+            "r6",
+            &[charge(&budget, 100, 1, true)],
+            now + 14,
+            &Facts::default()
+        )
         .await
         .unwrap()
         .is_empty());
@@ -183,7 +215,13 @@ async fn rebuilds(counters: &dyn Counters, tag: &str, expect_cold: bool) {
     if !expect_cold {
         // In-process counters are never cold; release that hold.
         counters
-            .settle(tag, "x1", &[charge(&budget, 100, 0, true)], 9_000)
+            .settle(
+                tag,
+                "x1",
+                &[charge(&budget, 100, 0, true)],
+                9_000,
+                &Facts::default(),
+            )
             .await
             .unwrap();
     }
@@ -191,7 +229,13 @@ async fn rebuilds(counters: &dyn Counters, tag: &str, expect_cold: bool) {
     assert_eq!(epoch, 5_000);
     // A request that ended before the epoch settles: the ledger sum below already has it.
     counters
-        .settle(tag, "old", &[charge(&budget, 100, 30, true)], 4_000)
+        .settle(
+            tag,
+            "old",
+            &[charge(&budget, 100, 30, true)],
+            4_000,
+            &Facts::default(),
+        )
         .await
         .unwrap();
     counters
@@ -214,15 +258,154 @@ async fn rebuilds(counters: &dyn Counters, tag: &str, expect_cold: bool) {
         Ok(vec![10])
     );
     counters
-        .settle(tag, "new", &[charge(&budget, 100, 55, true)], 6_500)
+        .settle(
+            tag,
+            "new",
+            &[charge(&budget, 100, 55, true)],
+            6_500,
+            &Facts::default(),
+        )
         .await
         .unwrap();
     assert_eq!(counters.read(&budget).await.unwrap(), (85, 0));
 }
 
+/// A counter a policy reload adds to a ready tenant is seeded on its own: the ledger sum has
+/// requests that ended before its cut-off; every later settle in its scope counts in it, also
+/// of requests admitted under the older policy that reserved nothing on it.
+async fn seeds_added_counters(counters: &dyn Counters, other: Option<&dyn Counters>, tag: &str) {
+    assert!(counters.begin_seed(tag, 0).await.unwrap().is_some());
+    counters.finish_seed(tag, &[]).await.unwrap();
+    let old = format!("tg:{{{tag}}}:old");
+    let new = format!("tg:{{{tag}}}:new");
+    let far = i64::MAX / 2;
+    let added = Added {
+        counter: new.clone(),
+        window_start_ms: 0,
+        window_end_ms: i64::MAX,
+        key: None,
+        model: Some("m".into()),
+        measure: Measure::Micros,
+    };
+    let facts = |created_ms: i64, model: &str, cost: i64| Facts {
+        created_ms,
+        key: "k".into(),
+        model: model.into(),
+        tokens: 1,
+        cost,
+    };
+    // Admitted under the older policy, before the reload.
+    counters
+        .reserve(tag, "inflight", &[charge(&old, 1000, 50, true)], 1_000, far)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        counters
+            .begin_counter_seed(tag, &added, 5_000)
+            .await
+            .unwrap(),
+        CounterSeed::Seed(5_000)
+    );
+    if let Some(other) = other {
+        assert_eq!(
+            other.begin_counter_seed(tag, &added, 5_100).await.unwrap(),
+            CounterSeed::Busy,
+            "one replica seeds it"
+        );
+    }
+    // Not usable before its seed.
+    assert!(counters
+        .reserve(tag, "early", &[charge(&new, 1000, 1, true)], 5_000, far)
+        .await
+        .is_err());
+    // Ended before the cut-off: the ledger sum counts it.
+    counters
+        .settle(
+            tag,
+            "before",
+            &[charge(&old, 1000, 7, true)],
+            4_000,
+            &facts(3_000, "m", 7),
+        )
+        .await
+        .unwrap();
+    // Ended after it, admitted under the older policy: counted from its facts.
+    counters
+        .settle(
+            tag,
+            "inflight",
+            &[charge(&old, 1000, 20, true)],
+            6_000,
+            &facts(1_000, "m", 20),
+        )
+        .await
+        .unwrap();
+    // Out of its scope: another model, or admitted in an earlier window.
+    counters
+        .settle(
+            tag,
+            "other",
+            &[charge(&old, 1000, 3, true)],
+            6_000,
+            &facts(1_000, "x", 3),
+        )
+        .await
+        .unwrap();
+    counters
+        .settle(
+            tag,
+            "late",
+            &[charge(&old, 1000, 4, true)],
+            6_000,
+            &facts(-5, "m", 4),
+        )
+        .await
+        .unwrap();
+    counters
+        .finish_counter_seed(tag, &new, 5_000, 100, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(counters.read(&new).await.unwrap(), (120, 0));
+    assert_eq!(
+        counters
+            .begin_counter_seed(tag, &added, 7_000)
+            .await
+            .unwrap(),
+        CounterSeed::Ready
+    );
+    // Under the new policy it is reserved and settled like any counter (counted once).
+    assert_eq!(
+        counters
+            .reserve(
+                tag,
+                "new",
+                &[charge(&old, 1000, 10, true), charge(&new, 200, 50, true)],
+                7_000,
+                far
+            )
+            .await
+            .unwrap(),
+        Ok(vec![956, 30])
+    );
+    counters
+        .settle(
+            tag,
+            "new",
+            &[charge(&old, 1000, 9, true), charge(&new, 200, 40, true)],
+            8_000,
+            &facts(7_000, "m", 40),
+        )
+        .await
+        .unwrap();
+    assert_eq!(counters.read(&new).await.unwrap(), (160, 0));
+    assert_eq!(counters.read(&old).await.unwrap(), (43, 0));
+}
+
 #[tokio::test]
 async fn local_counters() {
     rebuilds(&LocalCounters::default(), "local-rebuild", false).await;
+    seeds_added_counters(&LocalCounters::default(), None, "local-added").await;
     behaves(&LocalCounters::default(), "local").await;
 }
 
@@ -237,4 +420,6 @@ async fn redis_counters() {
         chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
     );
     behaves(&counters, &prefix).await;
+    let other = RedisCounters::new(&url, std::time::Duration::from_secs(2)).unwrap();
+    seeds_added_counters(&counters, Some(&other), &format!("{prefix}-added")).await;
 }

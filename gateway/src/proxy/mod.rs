@@ -29,7 +29,7 @@ use tollgate_billing::tokens::Tokenizer;
 
 use crate::config::{Model, OnExhausted, Policy, Tenant};
 use crate::keys::{KeyCache, KeyInfo};
-use crate::limits::{Admission, Limits};
+use crate::limits::{Admission, Extension, Limits};
 use crate::routing::{RouteInput, Routing};
 use error::ApiError;
 use meter::{Meter, RouteNote};
@@ -641,18 +641,23 @@ impl Gateway {
             let fresh = &relay.generated_text[delivered_end..];
             if !fresh.is_empty() && flight.admission.is_limited() {
                 let tokens = meter.tokenizer.count(fresh) as u64;
-                if !self
-                    .cover_output(&mut flight, meter, delivered_tokens + tokens)
-                    .await
-                {
-                    meter.outcome = "budget_cut";
-                    let event = format!("data: {}\n\ndata: [DONE]\n\n", budget_cut_event());
+                let covered = self
+                    .cover_output(&mut flight, meter, delivered_tokens.saturating_add(tokens))
+                    .await;
+                if covered != Extension::Granted {
+                    let (outcome, error) = if covered == Extension::Unavailable {
+                        ("limits_cut", limits_cut_event())
+                    } else {
+                        ("budget_cut", budget_cut_event())
+                    };
+                    meter.outcome = outcome;
+                    let event = format!("data: {error}\n\ndata: [DONE]\n\n");
                     let _ = session
                         .write_response_body(Some(Bytes::from(event)), true)
                         .await;
                     break;
                 }
-                delivered_tokens += tokens;
+                delivered_tokens = delivered_tokens.saturating_add(tokens);
             }
             if !out.is_empty() {
                 let written = tokio::select! {
@@ -722,30 +727,37 @@ impl Gateway {
     }
 
     /// Makes sure the reservation covers `needed` output tokens, extending it if it must.
-    /// False when the budget has no room and the tenant's policy is to cut.
-    async fn cover_output(&self, flight: &mut Flight<'_>, meter: &Meter, needed: u64) -> bool {
+    /// `Exhausted` when the budget has no room and the tenant's policy is to cut;
+    /// `Unavailable` when the counters are unreachable and the tenant fails closed.
+    async fn cover_output(
+        &self,
+        flight: &mut Flight<'_>,
+        meter: &Meter,
+        needed: u64,
+    ) -> Extension {
         let admission = &mut *flight.admission;
         if needed <= admission.reserved_output {
-            return true;
+            return Extension::Granted;
         }
         let missing = needed - admission.reserved_output;
         // Reserve ahead in generous steps, falling back to just what is missing.
         let step = missing.max(admission.reserved_output / 2).max(256);
         for amount in [step, missing] {
-            if self
+            match self
                 .state
                 .limits
                 .extend(admission, &meter.request_id, amount)
                 .await
             {
-                return true;
+                Extension::Exhausted => continue,
+                granted_or_unavailable => return granted_or_unavailable,
             }
         }
         match flight.tenant.on_exhausted {
-            OnExhausted::Cut => false,
+            OnExhausted::Cut => Extension::Exhausted,
             OnExhausted::Finish => {
                 admission.reserved_output = u64::MAX;
-                true
+                Extension::Granted
             }
         }
     }
@@ -763,6 +775,12 @@ fn shutdown_cut_event() -> Value {
     json!({"error": {
         "message": "The gateway is shutting down; the response was cut here and billed up to this point.",
         "type": "server_error", "param": null, "code": "shutting_down"}})
+}
+
+fn limits_cut_event() -> Value {
+    json!({"error": {
+        "message": "Budget counters are unreachable and this tenant's policy is to refuse meanwhile; the response was cut here and billed up to this point.",
+        "type": "service_unavailable", "param": null, "code": "limits_unavailable"}})
 }
 
 fn budget_cut_event() -> Value {
