@@ -260,6 +260,17 @@ fn csv_field(text: &str) -> String {
     }
 }
 
+/// A text cell as a spreadsheet must show it: a cell that starts like a formula (`=`, `+`, `-`,
+/// `@`, tab or carriage return, OWASP's list) gets a leading `'`, so that a tenant, model or tag
+/// name can never run as a formula in whoever opens the export. Numbers are not passed here.
+pub fn text_cell(text: &str) -> String {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text.to_string()
+    }
+}
+
 fn csv_line(fields: &[String]) -> String {
     let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
     line.join(",") + "\r\n"
@@ -279,7 +290,7 @@ pub fn chargeback_csv(report: &UsageReport) -> String {
         "cost_usd".into(),
     ]);
     for row in &report.rows {
-        let text = |i: usize| row.group[i].clone().unwrap_or_default();
+        let text = |i: usize| text_cell(row.group[i].as_deref().unwrap_or_default());
         let s = &row.sums;
         out.push_str(&csv_line(&[
             text(0),
@@ -316,6 +327,7 @@ pub fn focus_csv(report: &UsageReport, zone_of: impl Fn(&str) -> Tz) -> String {
         let month = date.with_day0(0).expect("first of month exists");
         let s = &row.sums;
         let cost = usd(s.cost_micros);
+        let (model, tenant) = (text_cell(&model), text_cell(&tenant));
         out.push_str(&csv_line(&[
             "tollgate".into(),
             cost.clone(),
@@ -338,10 +350,7 @@ pub fn focus_csv(report: &UsageReport, zone_of: impl Fn(&str) -> Tz) -> String {
             model,
             tenant.clone(),
             tenant,
-            row.tags
-                .clone()
-                .filter(|t| !t.is_empty())
-                .unwrap_or("{}".into()),
+            text_cell(row.tags.as_deref().filter(|t| !t.is_empty()).unwrap_or("{}")),
             s.requests.to_string(),
             s.prompt_tokens.to_string(),
             s.cached_tokens.to_string(),
@@ -460,6 +469,57 @@ mod tests {
         assert!(lines[1].contains(",2026-11-26T23:00:00Z,2026-11-27T23:00:00Z,"));
         assert!(lines[1].contains(",2026-10-31T23:00:00Z,2026-11-30T23:00:00Z,"));
         assert!(lines[2].contains(r#","{""team"":""a""}","#), "{}", lines[2]);
+    }
+
+    #[test]
+    fn text_cells_never_start_a_formula() {
+        let by = vec![Dimension::Day, Dimension::Tenant, Dimension::Model];
+        let hostile = [
+            "=HYPERLINK(\"http://x\",\"y\")",
+            "+1+cmd|' /C calc'!A0",
+            "-2+3",
+            "@SUM(A1)",
+            "\tx",
+            "\rx",
+        ];
+        let rows = hostile
+            .iter()
+            .map(|h| row(&["2026-11-27", *h, *h], -5, Some(*h)))
+            .collect();
+        let report = UsageReport::new(by, rows);
+        for csv in [chargeback_csv(&report), focus_csv(&report, |_| chrono_tz::UTC)] {
+            for line in csv.split("\r\n").skip(1).filter(|l| !l.is_empty()) {
+                for field in split_csv(line) {
+                    let formula = field.starts_with(['=', '+', '@', '\t', '\r'])
+                        || (field.starts_with('-') && field.parse::<f64>().is_err());
+                    assert!(!formula, "{field:?} in {line:?}");
+                }
+            }
+            assert!(csv.contains("'=HYPERLINK"), "{csv}");
+        }
+        // Numbers stay numbers, negative ones included.
+        assert!(chargeback_csv(&report).contains(",-0.000005\r\n"));
+        assert_eq!(text_cell("acme"), "acme");
+        assert_eq!(text_cell("-x"), "'-x");
+    }
+
+    /// The fields of one CSV line (RFC 4180 quoting).
+    fn split_csv(line: &str) -> Vec<String> {
+        let mut fields = vec![String::new()];
+        let mut quoted = false;
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' if quoted && chars.peek() == Some(&'"') => {
+                    chars.next();
+                    fields.last_mut().unwrap().push('"');
+                }
+                '"' => quoted = !quoted,
+                ',' if !quoted => fields.push(String::new()),
+                c => fields.last_mut().unwrap().push(c),
+            }
+        }
+        fields
     }
 
     #[test]

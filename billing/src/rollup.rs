@@ -164,8 +164,7 @@ impl Rollup {
                 bucket: row.created_ms.div_euclid(HOUR_MS) * HOUR_MS,
                 tenant: row.tenant.clone(),
                 key_id: row.key_id.clone(),
-                // The model that served: a route's chosen model, not the route's public name.
-                model: bounded(row.routing.as_ref().map_or(&row.model, |r| &r.routed_model)),
+                model: cell_model(row),
                 backend: row.backend.clone().unwrap_or_default(),
                 tier: row
                     .routing
@@ -194,9 +193,23 @@ impl Rollup {
     }
 }
 
-/// Longest model name a cell keeps. The ledger keeps what the client sent, however long (a
-/// rejected request names any model it likes); a rollup key must fit an index entry.
+/// Longest model name a cell keeps: a rollup key must fit an index entry.
 const MAX_MODEL_BYTES: usize = 200;
+
+/// The model cell of every request refused because its model matched nothing. The ledger keeps
+/// the name the client sent; the rollups do not, or each made-up name would be a new group in
+/// every report, without bound.
+pub const UNKNOWN_MODEL: &str = "(unknown model)";
+
+/// The model a row counts under: the model that served (a route's chosen model, not the
+/// route's public name), or [`UNKNOWN_MODEL`] for a request refused with `model_not_found` (the
+/// gateway's only 404 answered before any backend is tried).
+fn cell_model(row: &LedgerRow) -> String {
+    if row.status == 404 && row.backend.is_none() && row.routing.is_none() {
+        return UNKNOWN_MODEL.to_string();
+    }
+    bounded(row.routing.as_ref().map_or(&row.model, |r| &r.routed_model))
+}
 
 fn bounded(model: &str) -> String {
     let mut end = model.len().min(MAX_MODEL_BYTES);
@@ -263,6 +276,33 @@ mod tests {
         assert_eq!(by_model.len(), 1);
         assert_eq!(by_model[0].0.key_id, "");
         assert_eq!(by_model[0].1, daily[0].1);
+    }
+
+    #[test]
+    fn made_up_model_names_share_one_cell() {
+        let mut rows = Vec::new();
+        for i in 0..50 {
+            let mut refused = row(&format!("r{i}"), 1_795_822_200_000, None, 0);
+            refused.model = format!("made-up-{i}");
+            refused.status = 404;
+            refused.backend = None;
+            refused.upstream_model = None;
+            rows.push(refused);
+        }
+        // An upstream 404 names a real model that a backend answered for: it keeps its name.
+        let mut upstream = row("u", 1_795_822_200_000, None, 0);
+        upstream.status = 404;
+        rows.push(upstream);
+        let rollup = Rollup::of(rows.iter());
+        for (table, cells) in rollup.tables() {
+            let models: Vec<&str> = cells.iter().map(|(k, _)| k.model.as_str()).collect();
+            assert_eq!(models.len(), 2, "{}: {models:?}", table.name);
+            let unknown = cells
+                .iter()
+                .find(|(k, _)| k.model == UNKNOWN_MODEL)
+                .expect("one unknown-model cell");
+            assert_eq!(unknown.1.requests, 50);
+        }
     }
 
     #[test]

@@ -5,6 +5,9 @@
 
 use serde_json::Value;
 
+mod media;
+pub use media::{scan as scan_media, ImageCost, Media};
+
 /// A BPE vocabulary the gateway can count with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -40,8 +43,8 @@ impl Tokenizer {
 
     /// Prompt tokens of a chat request's `messages`, with OpenAI's per-message framing.
     ///
-    /// Content given as an array of parts counts its text parts; images and audio are billed by
-    /// the provider and are not estimated here. Tool definitions are counted as their JSON text.
+    /// Content given as an array of parts counts its text parts here; images, audio and files
+    /// are [`scan_media`]'s. Tool definitions are counted as their JSON text.
     pub fn count_chat(self, messages: &[Value], tools: Option<&Value>) -> usize {
         let mut total = REPLY_PRIMING;
         for message in messages {

@@ -727,15 +727,9 @@ impl Limits {
         key_id: &str,
         model: &str,
         request_id: &str,
-        prompt_tokens: u64,
-        output_tokens: u64,
+        worst: Usage,
         price: Price,
     ) -> Result<Admission, ApiError> {
-        let worst = Usage {
-            prompt: prompt_tokens,
-            cached: 0,
-            completion: output_tokens,
-        };
         self.admit_at(tenant, key_id, model, request_id, worst, price, now_ms())
             .await
     }

@@ -1,17 +1,5 @@
 //! `tollgate`: the gateway binary and its command line.
 
-mod admin;
-mod cli;
-mod config;
-mod keys;
-mod limits;
-mod proxy;
-mod reload;
-mod router_eval;
-mod routing;
-mod serve;
-mod shutdown;
-
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -21,5 +9,5 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    cli::run()
+    tollgate_gateway::cli::run()
 }

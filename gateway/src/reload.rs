@@ -106,6 +106,19 @@ fn keep_restart_only_settings(old: &Policy, new: &mut Policy) {
         drain,
         shutdown_timeout
     );
+    // The listeners are TLS or not from the start; a reload may only renew the certificate.
+    for (setting, old, new) in [
+        ("tls", &old.tls, &mut new.tls),
+        ("admin.tls", &old.admin_tls, &mut new.admin_tls),
+    ] {
+        if old.is_some() != new.is_some() {
+            tracing::warn!(
+                setting,
+                "turning TLS on or off needs a restart; the listener keeps serving as it was"
+            );
+            new.clone_from(old);
+        }
+    }
 }
 
 /// A local backend whose model and options did not change keeps its running runtime; a new
@@ -114,11 +127,12 @@ async fn carry_local_backends(old: &Policy, new: &Policy) -> anyhow::Result<()> 
     for backend in new.backends.iter().filter(|b| b.local.is_some()) {
         let local = backend.local.as_ref().expect("filtered");
         let same = old.backends.iter().find(|o| same_runtime(o, backend));
-        if let Some(addr) = same
-            .and_then(|o| o.local.as_ref())
-            .and_then(|l| l.addr.get())
+        let running = same.and_then(|o| o.local.as_ref());
+        if let Some((addr, secret)) =
+            running.and_then(|l| Some((l.addr.get()?, l.secret.get()?)))
         {
             let _ = local.addr.set(*addr);
+            let _ = local.secret.set(secret.clone());
             continue;
         }
         if !local.options.model.is_file() {
@@ -128,14 +142,9 @@ async fn carry_local_backends(old: &Policy, new: &Policy) -> anyhow::Result<()> 
                 local.options.model.display()
             );
         }
-        let options = local.options.clone();
-        let listen = local.listen;
-        let addr = tokio::task::spawn_blocking(move || {
-            tollgate_runtime::spawn_background(options, listen)
-        })
-        .await?
-        .map_err(|e| anyhow::anyhow!("backend `{}`: {e:#}", backend.name))?;
-        let _ = local.addr.set(addr);
+        let starting = backend.clone();
+        let addr =
+            tokio::task::spawn_blocking(move || crate::serve::start_local(&starting)).await??;
         tracing::info!(backend = %backend.name, %addr, "local backend started for the new policy");
     }
     Ok(())
@@ -144,7 +153,10 @@ async fn carry_local_backends(old: &Policy, new: &Policy) -> anyhow::Result<()> 
 fn same_runtime(a: &Backend, b: &Backend) -> bool {
     match (&a.local, &b.local) {
         (Some(x), Some(y)) => {
-            format!("{:?}", x.options) == format!("{:?}", y.options) && x.listen == y.listen
+            format!("{:?}", x.options) == format!("{:?}", y.options)
+                && x.listen == y.listen
+                && x.token.as_ref().map(tollgate_runtime::Token::expose)
+                    == y.token.as_ref().map(tollgate_runtime::Token::expose)
         }
         _ => false,
     }

@@ -90,16 +90,25 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
         store.clone(),
         policy.ledger_retention_months,
     ));
+    background.spawn(maintain_audit_log(store.clone(), state.policy.clone()));
+    let current = state.policy.clone();
     let mut service =
         pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state));
     for address in &policy.listen {
-        service.add_tcp(&address.to_string());
+        if policy.tls.is_some() {
+            let settings = crate::tls::data_plane_settings(current.clone())
+                .map_err(|e| anyhow::anyhow!("TLS on {address}: {e}"))?;
+            service.add_tls_with_settings(&address.to_string(), None, settings);
+        } else {
+            service.add_tcp(&address.to_string());
+        }
     }
     server.add_service(service);
+    let scheme = if policy.tls.is_some() { "https" } else { "http" };
     let addresses: Vec<String> = policy
         .listen
         .iter()
-        .map(|a| format!("http://{a}/v1"))
+        .map(|a| format!("{scheme}://{a}/v1"))
         .collect();
     println!(
         "tollgate serving on {} (database {})",
@@ -138,9 +147,16 @@ fn start_admin(
         println!("Admin token for this run (set {token_env} to choose your own); shown only here:");
         println!("  {token}");
     }
-    println!("admin API and dashboard on http://{address}/");
+    let tls = state
+        .policy
+        .load()
+        .admin_tls
+        .is_some()
+        .then(|| crate::tls::admin_config(state.policy.clone()));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("admin API and dashboard on {scheme}://{address}/");
     let admin = Arc::new(crate::admin::AdminState::new(state, store, &token));
-    background.spawn(crate::admin::serve(listener, admin));
+    background.spawn(crate::admin::serve(listener, tls, admin));
     Ok(())
 }
 
@@ -155,6 +171,26 @@ async fn maintain_partitions(store: Store, retention_months: Option<u32>) {
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!("ledger partition maintenance failed (retrying in an hour): {e:#}")
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+    }
+}
+
+/// Deletes audit entries older than `admin.audit_retention_days` (the policy in force, so a
+/// reload changes it), at start and then hourly.
+async fn maintain_audit_log(store: Store, policy: Arc<arc_swap::ArcSwap<Policy>>) {
+    loop {
+        if let Some(days) = policy.load().admin_audit_retention_days {
+            let cutoff = chrono::Utc::now().timestamp_millis() - i64::from(days) * 86_400_000;
+            match store.prune_audit_log(cutoff).await {
+                Ok(0) => {}
+                Ok(deleted) => {
+                    tracing::info!(deleted, days, "audit log entries past retention deleted")
+                }
+                Err(e) => {
+                    tracing::warn!("audit log retention failed (retrying in an hour): {e:#}")
+                }
             }
         }
         tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
@@ -176,9 +212,7 @@ fn start_local_backends(policy: &Policy) -> anyhow::Result<()> {
             );
         }
         let started = std::time::Instant::now();
-        let addr = tollgate_runtime::spawn_background(local.options.clone(), local.listen)
-            .map_err(|e| anyhow::anyhow!("backend `{}`: {e:#}", backend.name))?;
-        let _ = local.addr.set(addr);
+        let addr = start_local(backend)?;
         println!(
             "local backend `{}`: {} on {addr} (speculation: {:?}, ready in {:.1}s)",
             backend.name,
@@ -188,6 +222,28 @@ fn start_local_backends(policy: &Policy) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Starts a local backend's runtime and records where it listens and the token it requires:
+/// the operator's (`token_env`) or a random one that only this process knows, so nothing but
+/// this gateway (which meters and bills) can use it.
+pub(crate) fn start_local(backend: &crate::config::Backend) -> anyhow::Result<std::net::SocketAddr> {
+    let local = backend.local.as_ref().expect("a local backend");
+    let token = match &local.token {
+        Some(token) => token.clone(),
+        None => {
+            if let Some(listen) = local.listen {
+                tollgate_runtime::check_listen(listen, None)
+                    .map_err(|e| anyhow::anyhow!("backend `{}`: {e:#}", backend.name))?;
+            }
+            tollgate_runtime::Token::random()
+        }
+    };
+    let addr = tollgate_runtime::spawn_background(local.options.clone(), local.listen, token.clone())
+        .map_err(|e| anyhow::anyhow!("backend `{}`: {e:#}", backend.name))?;
+    let _ = local.secret.set(token);
+    let _ = local.addr.set(addr);
+    Ok(addr)
 }
 
 async fn start_background(

@@ -26,6 +26,7 @@ use engine::{Engine, EngineConfig};
 use gguf::GgufFile;
 use model::Model;
 use server::AppState;
+pub use server::Token;
 use speculative::SpeculationMode;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -166,21 +167,41 @@ pub fn build_state(opts: &RuntimeOptions) -> Result<Arc<AppState>> {
     }))
 }
 
-/// Serves until the process ends.
-pub async fn serve(opts: &RuntimeOptions, listen: SocketAddr) -> Result<()> {
+/// Where a runtime may listen: on a loopback address, or anywhere else only with a token (an
+/// open runtime reachable from other machines would serve anyone, unmetered).
+pub fn check_listen(listen: SocketAddr, token: Option<&Token>) -> Result<()> {
+    if token.is_none() && !listen.ip().is_loopback() {
+        bail!(
+            "refusing to serve on {listen} without a token: a runtime off loopback must require \
+             one (set a bearer token), or listen on 127.0.0.1"
+        );
+    }
+    Ok(())
+}
+
+/// Serves until the process ends. With `token`, every request must carry it as a bearer token;
+/// without one, only a loopback `listen` is accepted ([`check_listen`]).
+pub async fn serve(opts: &RuntimeOptions, listen: SocketAddr, token: Option<Token>) -> Result<()> {
+    check_listen(listen, token.as_ref())?;
     let state = build_state(opts)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    tracing::info!(addr = %listener.local_addr()?, model = %state.model_name, "tollgate-runtime serving");
-    axum::serve(listener, server::router(state)).await?;
+    tracing::info!(addr = %listener.local_addr()?, model = %state.model_name, token = token.is_some(), "tollgate-runtime serving");
+    axum::serve(listener, server::router(state, token)).await?;
     Ok(())
 }
 
 /// Loads the model and serves it from a thread of its own on `listen` (default: a free
 /// loopback port); returns the address once it accepts connections. This is how `tollgate
-/// serve` runs a `kind: local` backend: inference never shares the proxy's threads.
-pub fn spawn_background(opts: RuntimeOptions, listen: Option<SocketAddr>) -> Result<SocketAddr> {
+/// serve` runs a `kind: local` backend: inference never shares the proxy's threads, and every
+/// request must carry `token` (the gateway's secret), so only the gateway, which meters and
+/// bills, can use it.
+pub fn spawn_background(
+    opts: RuntimeOptions,
+    listen: Option<SocketAddr>,
+    token: Token,
+) -> Result<SocketAddr> {
     let state = build_state(&opts)?;
     let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     let listener =
@@ -197,10 +218,28 @@ pub fn spawn_background(opts: RuntimeOptions, listen: Option<SocketAddr>) -> Res
                 .expect("tokio runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                if let Err(e) = axum::serve(listener, server::router(state)).await {
+                if let Err(e) = axum::serve(listener, server::router(state, Some(token))).await {
                     tracing::error!(error = %e, "local runtime server stopped");
                 }
             });
         })?;
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_listens_without_a_token() {
+        let token = Token::new("t").unwrap();
+        for ok in ["127.0.0.1:8090", "[::1]:8090"] {
+            assert!(check_listen(ok.parse().unwrap(), None).is_ok(), "{ok}");
+        }
+        for open in ["0.0.0.0:8090", "10.1.2.3:8090", "[::]:8090"] {
+            let err = check_listen(open.parse().unwrap(), None).unwrap_err();
+            assert!(err.to_string().contains("token"), "{err}");
+            assert!(check_listen(open.parse().unwrap(), Some(&token)).is_ok());
+        }
+    }
 }

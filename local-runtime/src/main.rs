@@ -31,8 +31,13 @@ enum Command {
         /// Speculative decoding: prompt-lookup n-grams, a draft model, or off.
         #[arg(long, default_value = "ngram")]
         speculate: SpeculationMode,
+        /// Anything but a loopback address needs a token (see --token-env).
         #[arg(long, default_value = "127.0.0.1:8090")]
         listen: SocketAddr,
+        /// Environment variable holding the bearer token every request must carry. When it is
+        /// set, requests without it get 401; it must be set to listen off loopback.
+        #[arg(long, default_value = "TOLLGATE_RUNTIME_TOKEN")]
+        token_env: String,
         /// Name the model answers to (it also answers to `default`). Default: the file name.
         #[arg(long)]
         name: Option<String>,
@@ -67,6 +72,7 @@ async fn main() -> Result<()> {
             draft,
             speculate,
             listen,
+            token_env,
             name,
             slots,
             device,
@@ -85,7 +91,10 @@ async fn main() -> Result<()> {
                 default_top_p: top_p,
                 ..RuntimeOptions::new(model)
             };
-            tollgate_runtime::serve(&opts, listen).await
+            let token = std::env::var(&token_env)
+                .ok()
+                .and_then(|v| tollgate_runtime::Token::new(&v));
+            tollgate_runtime::serve(&opts, listen, token).await
         }
     }
 }

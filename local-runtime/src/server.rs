@@ -1,13 +1,16 @@
 //! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`,
-//! `/v1/models`, plus `/health` and `/metrics`.
+//! `/v1/models`, plus `/health` and `/metrics`. With a [`Token`], every route asks for it as a
+//! bearer token (the gateway's per-process secret), so no other process can use the runtime
+//! unmetered.
 
 use crate::engine::{Engine, Event, Job, Outcome};
 use crate::sampling::SamplingParams;
 use crate::template::{ChatMessage, ChatTemplate};
 use crate::tokenizer::ModelTokenizer;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -30,14 +33,90 @@ pub struct AppState {
     pub default_top_p: f32,
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+/// The runtime's API; with `token`, every request must carry it (see [`require_token`]).
+pub fn router(state: Arc<AppState>, token: Option<Token>) -> Router {
+    let routes = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .with_state(state);
+    require_token(routes, token)
+}
+
+/// The bearer token a runtime requires: the gateway's per-process secret, or one an operator
+/// chose. Compared in constant time; its `Debug` never shows it.
+#[derive(Clone)]
+pub struct Token(Arc<str>);
+
+impl Token {
+    /// `None` for an empty (or all-blank) value: an empty token would protect nothing.
+    pub fn new(value: &str) -> Option<Token> {
+        let value = value.trim();
+        (!value.is_empty()).then(|| Token(Arc::from(value)))
+    }
+
+    /// 32 random bytes from the OS, as 64 hex digits.
+    pub fn random() -> Token {
+        use rand::RngCore;
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Token(Arc::from(hex))
+    }
+
+    /// The secret itself, for the `Authorization` header of the one client that holds it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `presented` is this token, in time independent of where they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        presented.ct_eq(self.0.as_bytes()).into()
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(redacted)")
+    }
+}
+
+/// Wraps `routes` so that every request needs `Authorization: Bearer <token>`; others get an
+/// OpenAI-shaped 401. Without a token, `routes` is returned as it is.
+pub fn require_token(routes: Router, token: Option<Token>) -> Router {
+    match token {
+        Some(token) => routes.layer(axum::middleware::from_fn_with_state(token, check_token)),
+        None => routes,
+    }
+}
+
+async fn check_token(State(token): State<Token>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|v| &v[7..]);
+    if presented.is_some_and(|p| token.matches(p)) {
+        return next.run(request).await;
+    }
+    let mut response = ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        message: "This runtime serves only the gateway that started it: a valid bearer token \
+                  is required."
+            .into(),
+        kind: "invalid_request_error",
+        code: "invalid_api_key",
+    }
+    .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
 }
 
 /// An OpenAI-shaped error.
@@ -464,4 +543,67 @@ async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.engine.metrics.render(&s.model_name),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    async fn call(token: Option<Token>, authorization: Option<&str>) -> (StatusCode, Value) {
+        let app = require_token(
+            Router::new().route("/v1/models", get(|| async { Json(json!({"ok": true})) })),
+            token,
+        );
+        let mut request = axum::http::Request::get("/v1/models");
+        if let Some(value) = authorization {
+            request = request.header(header::AUTHORIZATION, value);
+        }
+        let response = app
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn with_a_token_only_requests_that_carry_it_are_served() {
+        let token = Token::new("s3cret-token").unwrap();
+        for refused in [
+            None,
+            Some("Bearer"),
+            Some("Bearer "),
+            Some("Bearer s3cret-toke"),
+            Some("Bearer s3cret-token2"),
+            Some("Basic s3cret-token"),
+            Some("s3cret-token"),
+        ] {
+            let (status, body) = call(Some(token.clone()), refused).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{refused:?}");
+            assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+            assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+            assert!(!body.to_string().contains("s3cret"), "{body}");
+        }
+        for accepted in ["Bearer s3cret-token", "bearer s3cret-token"] {
+            let (status, body) = call(Some(token.clone()), Some(accepted)).await;
+            assert_eq!((status, body), (StatusCode::OK, json!({"ok": true})));
+        }
+        // No token configured: open (a loopback-only standalone runtime).
+        assert_eq!(call(None, None).await.0, StatusCode::OK);
+    }
+
+    #[test]
+    fn tokens_are_random_hex_never_empty_and_never_printed() {
+        let (a, b) = (Token::random(), Token::random());
+        assert_eq!(a.expose().len(), 64);
+        assert!(a.expose().chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a.expose(), b.expose());
+        assert!(!format!("{a:?}").contains(a.expose()));
+        assert!(Token::new("  ").is_none() && Token::new("").is_none());
+        assert!(a.matches(a.expose().as_bytes()) && !a.matches(b.expose().as_bytes()));
+    }
 }

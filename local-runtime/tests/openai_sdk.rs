@@ -11,7 +11,9 @@ fn openai_python_sdk_conformance() {
     let mut opts = RuntimeOptions::new(common::model_path());
     opts.speculate = SpeculationMode::Ngram;
     opts.fixed_draft = Some(4); // always speculate, so stops land inside accepted blocks
-    let addr = tollgate_runtime::spawn_background(opts, None).expect("runtime starts");
+    let token = tollgate_runtime::Token::random();
+    let addr =
+        tollgate_runtime::spawn_background(opts, None, token.clone()).expect("runtime starts");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/sdk/runtime_client.py"
@@ -20,6 +22,7 @@ fn openai_python_sdk_conformance() {
     let out = std::process::Command::new(python)
         .arg(script)
         .env("OPENAI_BASE_URL", format!("http://{addr}/v1"))
+        .env("OPENAI_API_KEY", token.expose())
         .output()
         .expect("python3 with the openai package");
     assert!(

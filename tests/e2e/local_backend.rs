@@ -110,3 +110,70 @@ async fn a_missing_model_file_stops_serve_with_a_clear_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn only_the_gateway_can_use_its_local_runtime() {
+    // A fixed loopback port, so that this test can knock on the runtime's door itself.
+    let port = crate::harness::gateway::free_port();
+    let policy = local_policy().replace(
+        "slots: 2 }",
+        &format!("slots: 1, listen: \"127.0.0.1:{port}\" }}"),
+    );
+    let gw = Gateway::start(&policy, None).await;
+    let key = gw.create_key("acme").await;
+    let body = json!({
+        "model": "smol",
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 4,
+    });
+    let r = gw.chat(&key, &body).await;
+    assert_eq!(r.status(), 200, "the gateway holds the runtime's secret: {}", gw.log());
+
+    // Any other local process: no token, a tenant key, a wrong token. All refused, OpenAI-shaped.
+    let direct = reqwest::Client::new();
+    for bearer in [None, Some(key.as_str()), Some("0000")] {
+        for path in ["/v1/chat/completions", "/v1/models", "/metrics"] {
+            let mut request = if path == "/v1/chat/completions" {
+                direct.post(format!("http://127.0.0.1:{port}{path}")).json(&body)
+            } else {
+                direct.get(format!("http://127.0.0.1:{port}{path}"))
+            };
+            if let Some(bearer) = bearer {
+                request = request.bearer_auth(bearer);
+            }
+            let r = request.send().await.unwrap();
+            assert_eq!(r.status(), 401, "{path} with {bearer:?}");
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+        }
+    }
+    // Only the one request the gateway made was served (and billed).
+    assert_eq!(gw.ledger("acme", 1).await.len(), 1);
+}
+
+#[test]
+fn a_runtime_off_loopback_needs_a_token_env() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("p.yaml");
+    let text = |extra: &str| {
+        format!(
+            "listen: [\"127.0.0.1:1\"]\ndatabase_url: sqlite://x.db\nbackends:\n  - {{ name: local, kind: local, model_path: /nonexistent/m.gguf, listen: \"0.0.0.0:8090\"{extra} }}\n\
+             models:\n  - {{ name: smol, targets: [{{ backend: local, model: default }}] }}\ntenants:\n  - name: acme\n"
+        )
+    };
+    std::fs::write(&config, text("")).unwrap();
+    let out = crate::harness::gateway::tollgate(&config, &["config", "check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("backends[0].listen") && err.contains("token_env"),
+        "{err}"
+    );
+    std::fs::write(&config, text(", token_env: TOLLGATE_TEST_RUNTIME_TOKEN")).unwrap();
+    let out = crate::harness::gateway::tollgate(&config, &["config", "check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

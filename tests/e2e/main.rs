@@ -2,6 +2,7 @@
 //! Postgres is expected at `TOLLGATE_TEST_POSTGRES` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`); `.ci/run` starts it when missing.
 
+mod abuse;
 mod admin;
 mod budgets;
 mod cli;
@@ -14,3 +15,6 @@ mod proxy;
 mod reload;
 mod routing;
 mod sdk;
+mod tls;
+mod worst_case;
+mod security;

@@ -6,13 +6,21 @@ import os
 import openai
 from openai import OpenAI
 
-client = OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key="unused")
+client = OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key=os.environ["OPENAI_API_KEY"])
 PROMPT = [{"role": "user", "content": "Repeat this twice: the quick brown fox jumps over the lazy dog."}]
 
 
 def check(cond, msg):
     if not cond:
         raise SystemExit("FAIL: " + msg)
+
+
+# The runtime serves only whoever holds its token (the gateway that started it).
+try:
+    OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key="not-the-token", max_retries=0).models.list()
+    check(False, "a wrong token was accepted")
+except openai.AuthenticationError as e:
+    check(e.status_code == 401 and e.body["code"] == "invalid_api_key", str(e.body))
 
 
 ids = [m.id for m in client.models.list().data]

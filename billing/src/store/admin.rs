@@ -157,6 +157,22 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes the audit entries made before `before_ms` (retention), in bounded batches so that
+    /// a long backlog never holds one huge transaction. Returns how many were deleted.
+    pub async fn prune_audit_log(&self, before_ms: i64) -> anyhow::Result<u64> {
+        const BATCH: i64 = 10_000;
+        let sql = "DELETE FROM audit_log WHERE id IN \
+                   (SELECT id FROM audit_log WHERE at_ms < $1 ORDER BY id LIMIT $2)";
+        let mut deleted = 0;
+        loop {
+            let n = execute!(self, sql, before_ms, BATCH)?;
+            deleted += n;
+            if n < BATCH as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+
     /// The newest audit entries first, at most `limit`, older than `before_id` when given.
     pub async fn audit_log(
         &self,

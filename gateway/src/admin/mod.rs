@@ -6,6 +6,7 @@
 
 mod assets;
 pub mod service;
+mod throttle;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,6 +34,8 @@ pub struct AdminState {
     token_sha256: [u8; 32],
     /// How the audit log names holders of the token: its fingerprint, never the token.
     actor: String,
+    /// Failed authentications per source, limited before they are audited.
+    failures: throttle::AuthFailures,
 }
 
 impl AdminState {
@@ -43,6 +46,7 @@ impl AdminState {
             store,
             actor: format!("admin-token:{}", &hex::encode(token_sha256)[..12]),
             token_sha256,
+            failures: throttle::AuthFailures::default(),
         }
     }
 
@@ -80,12 +84,19 @@ pub fn admin_token(env: &str, address: SocketAddr) -> anyhow::Result<(String, bo
 impl axum::response::IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (
+        let mut response = (
             status,
             [(header::CONTENT_TYPE, "application/json")],
             self.body(),
         )
-            .into_response()
+            .into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
     }
 }
 
@@ -209,9 +220,23 @@ async fn metrics(axum::extract::State(app): axum::extract::State<Arc<AppState>>)
 }
 
 /// Serves the admin API until the process exits.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
+/// Serves the admin API on `listener`, over TLS when `tls` is set.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<pingora::tls::ServerConfig>>,
+    state: Arc<AdminState>,
+) {
+    use axum::serve::ListenerExt;
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(e) = axum::serve(listener, app).await {
+    let served = match tls {
+        None => axum::serve(listener, app).await,
+        Some(config) => match crate::tls::TlsListener::new(listener, config) {
+            // `tap_io` gives the listener axum's `ConnectInfo<SocketAddr>` (the guard's source).
+            Ok(tls) => axum::serve(tls.tap_io(|_| {}), app).await,
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = served {
         tracing::error!("admin API stopped: {e}");
     }
 }
@@ -243,6 +268,19 @@ async fn guard(
     let target = path_target(&route, request.uri().path());
     let public = route == "/admin/openapi.json";
     let authorized = state.authorized(request.headers());
+    if !authorized && !public {
+        if let throttle::Verdict::Refuse { retry_after } = state.failures.fail(remote.ip()) {
+            // Refused before the audit log: a flood of guesses must not fill it.
+            let mut error = ApiError::new(
+                429,
+                "rate_limit_exceeded",
+                "too_many_failed_authentications",
+                "Too many calls with a missing or wrong admin token from this address; retry later.",
+            );
+            error.retry_after = Some(i64::try_from(retry_after).unwrap_or(i64::MAX));
+            return error.into_response();
+        }
+    }
     let mut response = if authorized || public {
         next.run(request).await
     } else {

@@ -150,6 +150,13 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
             format!("{:?}", old.admin_listen),
             format!("{:?}", new.admin_listen),
         ),
+        ("tls", tls(&old.tls), tls(&new.tls)),
+        ("admin.tls", tls(&old.admin_tls), tls(&new.admin_tls)),
+        (
+            "admin.audit_retention_days",
+            format!("{:?}", old.admin_audit_retention_days),
+            format!("{:?}", new.admin_audit_retention_days),
+        ),
         (
             "ledger.retention_months",
             format!("{:?}", old.ledger_retention_months),
@@ -231,6 +238,11 @@ fn tenant_changes(o: &Tenant, n: &Tenant, add: &mut impl FnMut(&'static str, Str
             ),
         );
     }
+}
+
+/// `off`, or the certificate's file and fingerprint (a renewed one shows as a change).
+fn tls(t: &Option<std::sync::Arc<crate::tls::TlsCert>>) -> String {
+    t.as_ref().map_or("off".into(), |t| t.describe())
 }
 
 fn limit(v: Option<i64>) -> String {

@@ -11,12 +11,19 @@ pub struct PolicyFile {
     /// Data-plane listen addresses.
     #[serde(default = "default_listen")]
     pub listen: Vec<String>,
+    /// Serve the data plane over HTTPS (TLS 1.2 and 1.3) on every `listen` address.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
     /// `sqlite://FILE` (embedded default) or `postgres://...`.
     #[serde(default = "default_database_url")]
     pub database_url: String,
     /// Shared counters for budgets and rate limits across replicas (used by budgets).
     #[serde(default)]
     pub redis_url: Option<String>,
+    /// Request fields passed to providers besides those the gateway knows. A field that may
+    /// change what a request costs must not be listed; unknown fields are refused otherwise.
+    #[serde(default)]
+    pub passthrough_parameters: Vec<String>,
     /// Largest request body accepted and proxied intact, in bytes.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
@@ -139,6 +146,13 @@ pub struct AdminSection {
     /// random token and prints it once.
     #[serde(default = "default_admin_token_env")]
     pub token_env: String,
+    /// Days the audit log keeps its entries; older ones are deleted in the background (hourly).
+    /// Unset: keep everything.
+    #[serde(default)]
+    pub audit_retention_days: Option<u32>,
+    /// Serve the admin API and dashboard over HTTPS.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
 }
 
 impl Default for AdminSection {
@@ -147,8 +161,22 @@ impl Default for AdminSection {
             enabled: true,
             listen: default_admin_listen(),
             token_env: default_admin_token_env(),
+            audit_retention_days: None,
+            tls: None,
         }
     }
+}
+
+/// A certificate and its private key, PEM files (relative paths from the working directory).
+/// Read when the policy is loaded; a reload (file change or SIGHUP) reads them again, so a
+/// renewed certificate is served without a restart.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
 }
 
 fn default_admin_listen() -> String {
@@ -210,9 +238,14 @@ pub struct BackendSection {
     #[serde(default)]
     pub device: Option<String>,
     /// `local`: where the runtime listens (default: a free loopback port), e.g. to scrape its
-    /// `/metrics`.
+    /// `/metrics`. An address other than loopback needs `token_env`.
     #[serde(default)]
     pub listen: Option<std::net::SocketAddr>,
+    /// `local`: environment variable holding the bearer token the runtime requires of every
+    /// request (e.g. for a metrics scraper). Unset: a random secret made at each start, known
+    /// only to this gateway, so nothing else can use the runtime unmetered.
+    #[serde(default)]
+    pub token_env: Option<String>,
     /// `local`: sampling for requests that set none (default: OpenAI's 1.0 and 1.0).
     #[serde(default)]
     pub default_temperature: Option<f32>,
@@ -249,6 +282,50 @@ pub struct ModelSection {
     /// Whether the model takes `tools`; routed requests with tools skip models that do not.
     #[serde(default = "default_true")]
     pub supports_tools: bool,
+    /// The model spends hidden reasoning tokens (billed as output, never streamed as text): its
+    /// streams are capped upstream at their reservation, since their visible text does not bound
+    /// what they cost. Implies `max_tokens_field: max_completion_tokens` unless that is set.
+    #[serde(default)]
+    pub reasoning: bool,
+    /// The request field that caps output on this model. o-series and GPT-5-style models refuse
+    /// `max_tokens`: for them the gateway sends (and renames a client's `max_tokens` to)
+    /// `max_completion_tokens`.
+    #[serde(default)]
+    pub max_tokens_field: Option<MaxTokensField>,
+    /// How an image costs prompt tokens (default: GPT-4o's tiles, 85 + 170 per tile).
+    #[serde(default)]
+    pub images: Option<ImageSection>,
+    /// Prompt tokens reserved for each content part whose size is known only to the provider
+    /// (audio, files, part types the gateway does not know). Unset: such parts are refused for
+    /// tenants with hard budgets.
+    #[serde(default)]
+    pub unsized_part_tokens: Option<u64>,
+    /// Prices under a `service_tier` other than `auto`/`default` (e.g. `flex`, `priority`). A
+    /// request asking for a tier not listed here is refused.
+    #[serde(default)]
+    pub service_tiers: std::collections::BTreeMap<String, PriceSection>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MaxTokensField {
+    MaxTokens,
+    MaxCompletionTokens,
+}
+
+/// An image's prompt tokens: `base_tokens` + `tile_tokens` per 512-px tile, or
+/// `patch_multiplier` x 32-px patches (at most `max_patches`).
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSection {
+    #[serde(default)]
+    pub base_tokens: Option<u64>,
+    #[serde(default)]
+    pub tile_tokens: Option<u64>,
+    #[serde(default)]
+    pub patch_multiplier: Option<f64>,
+    #[serde(default)]
+    pub max_patches: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -259,6 +336,15 @@ pub struct PriceSection {
     #[serde(default)]
     pub cached_input: Option<f64>,
     pub output: f64,
+    /// USD per 1M audio prompt tokens; requests with audio input are refused without it.
+    #[serde(default)]
+    pub audio_input: Option<f64>,
+    /// USD per 1M audio output tokens; requests for audio output are refused without it.
+    #[serde(default)]
+    pub audio_output: Option<f64>,
+    /// USD per 1,000 web search calls; requests with `web_search_options` are refused without it.
+    #[serde(default)]
+    pub web_search_calls: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]

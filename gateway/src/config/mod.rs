@@ -74,11 +74,15 @@ impl std::error::Error for ConfigErrors {}
 #[derive(Debug)]
 pub struct Policy {
     pub listen: Vec<SocketAddr>,
+    /// HTTPS on every data-plane address (read at start; the certificate itself at each reload).
+    pub tls: Option<Arc<crate::tls::TlsCert>>,
     pub database_url: String,
     pub redis_url: Option<String>,
     pub redis_timeout: Duration,
     pub reservation_ttl: Duration,
     pub max_body_bytes: usize,
+    /// Request fields passed through besides those the gateway knows.
+    pub passthrough_parameters: HashSet<String>,
     pub key_refresh: Duration,
     pub threads: Option<usize>,
     pub ledger_flush_interval: Duration,
@@ -91,6 +95,10 @@ pub struct Policy {
     /// Where the admin API listens (`None`: disabled) and where its token comes from.
     pub admin_listen: Option<SocketAddr>,
     pub admin_token_env: String,
+    /// HTTPS for the admin API and dashboard.
+    pub admin_tls: Option<Arc<crate::tls::TlsCert>>,
+    /// Days of audit log kept (`None`: all); read again after every reload.
+    pub admin_audit_retention_days: Option<u32>,
     /// After a shutdown signal: how long in-flight requests get before streams are cut.
     pub drain: Duration,
     pub shutdown_timeout: Duration,
@@ -125,7 +133,11 @@ pub struct LocalBackend {
     pub options: tollgate_runtime::RuntimeOptions,
     /// Fixed address for the runtime; `None`: a free loopback port.
     pub listen: Option<std::net::SocketAddr>,
+    /// The token an operator chose (`token_env`); `None`: `serve` makes a random one.
+    pub token: Option<tollgate_runtime::Token>,
+    /// Where the running runtime listens and the token it requires, once `serve` started it.
     pub addr: std::sync::OnceLock<std::net::SocketAddr>,
+    pub secret: std::sync::OnceLock<tollgate_runtime::Token>,
 }
 
 impl Backend {
@@ -134,6 +146,14 @@ impl Backend {
         match self.local.as_ref().and_then(|l| l.addr.get()) {
             Some(addr) => addr.port(),
             None => self.port,
+        }
+    }
+
+    /// The bearer token sent upstream: the provider key, or the local runtime's secret.
+    pub fn bearer(&self) -> Option<&str> {
+        match &self.local {
+            Some(local) => local.secret.get().map(tollgate_runtime::Token::expose),
+            None => self.api_key.as_deref(),
         }
     }
 }
@@ -165,6 +185,16 @@ pub struct Model {
     pub price: Price,
     pub priced: bool,
     pub targets: Vec<Target>,
+    /// Spends hidden reasoning tokens: streams are capped upstream at their reservation.
+    pub reasoning: bool,
+    /// The request field that caps output upstream (`max_tokens` or `max_completion_tokens`).
+    pub max_tokens_field: &'static str,
+    pub images: tollgate_billing::tokens::ImageCost,
+    /// Prompt tokens reserved per part only the provider can size; `None`: such parts are
+    /// refused for tenants with hard budgets.
+    pub unsized_part_tokens: Option<u64>,
+    /// Prices by `service_tier` (other than the default).
+    pub tier_prices: Vec<(String, Price)>,
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +242,14 @@ impl Tenant {
             || self.rpm.is_some()
             || self.tpm.is_some()
             || !self.key_limits.is_empty()
+    }
+
+    /// Whether a request's tokens meet a hard limit (a hard budget, or a TPM limit), which a
+    /// request of unknown size could overshoot.
+    pub fn has_hard_limits(&self) -> bool {
+        self.budgets.iter().any(|b| b.hard)
+            || self.tpm.is_some()
+            || self.key_limits.values().any(|(_, tpm)| tpm.is_some())
     }
 }
 
@@ -267,14 +305,19 @@ impl Policy {
         self.models.iter().find(|m| m.name == name)
     }
 
+    /// Whether a tenant may send `model`: a model or route it lists (or any, with no list). A
+    /// route it does not list is allowed when both of the route's models are.
     pub fn tenant_may_use(&self, tenant: &str, model: &str) -> bool {
-        match self.tenants.get(tenant) {
-            Some(t) => t
-                .models
-                .as_ref()
-                .is_none_or(|allowed| allowed.contains(model)),
-            None => false,
-        }
+        let Some(t) = self.tenants.get(tenant) else {
+            return false;
+        };
+        let Some(allowed) = &t.models else {
+            return true;
+        };
+        allowed.contains(model)
+            || self.route(model).is_some_and(|route| {
+                allowed.contains(&route.cheap.name) && allowed.contains(&route.premium.name)
+            })
     }
 
     /// Reads, parses and validates a policy file.
@@ -446,8 +489,18 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
     if listen.is_empty() {
         errors.add("listen", "at least one listen address is required");
     }
+    let tls = file
+        .tls
+        .as_ref()
+        .and_then(|t| load_tls(t, "tls", errors));
     let mut admin_listen = None;
+    let mut admin_tls = None;
     if file.admin.enabled {
+        admin_tls = file
+            .admin
+            .tls
+            .as_ref()
+            .and_then(|t| load_tls(t, "admin.tls", errors));
         match file.admin.listen.parse::<SocketAddr>() {
             Ok(a) if listen.contains(&a) => errors.add(
                 "admin.listen",
@@ -459,6 +512,12 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
                 format!("`{}` is not an IP:port address", file.admin.listen),
             ),
         }
+    }
+    if file.admin.audit_retention_days == Some(0) {
+        errors.add(
+            "admin.audit_retention_days",
+            "must be at least 1 (leave it unset to keep the whole audit log)",
+        );
     }
     if file.ledger.retention_months == Some(0) {
         errors.add(
@@ -517,7 +576,7 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
         let connect_timeout = Duration::from_millis(b.connect_timeout_ms);
         let read_timeout = Duration::from_millis(b.read_timeout_ms);
         if b.kind == BackendKind::Local {
-            if let Some(local) = local_backend(b, &at, errors) {
+            if let Some(local) = local_backend(b, &at, errors, &mut warnings) {
                 backends.push(Arc::new(Backend {
                     name: b.name.clone(),
                     tls: false,
@@ -533,6 +592,7 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
             continue;
         }
         for (field, set) in [
+            ("token_env", b.token_env.is_some()),
             ("model_path", b.model_path.is_some()),
             ("draft_path", b.draft_path.is_some()),
             ("speculate", b.speculate.is_some()),
@@ -622,6 +682,26 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
             .price
             .as_ref()
             .map(|p| convert_price(p, &format!("{at}.price"), errors));
+        let mut tier_prices = Vec::new();
+        for (tier, p) in &m.service_tiers {
+            if matches!(tier.as_str(), "auto" | "default") {
+                errors.add(
+                    format!("{at}.service_tiers.{tier}"),
+                    "the default tier's price is `price`",
+                );
+            }
+            tier_prices.push((
+                tier.clone(),
+                convert_price(p, &format!("{at}.service_tiers.{tier}"), errors),
+            ));
+        }
+        let images = convert_images(m.images.as_ref(), &format!("{at}.images"), errors);
+        let completion_field = match (m.max_tokens_field, m.reasoning) {
+            (Some(file::MaxTokensField::MaxCompletionTokens), _) | (None, true) => {
+                "max_completion_tokens"
+            }
+            _ => "max_tokens",
+        };
         models.push(Arc::new(Model {
             name: m.name.clone(),
             tokenizer: m.tokenizer,
@@ -629,6 +709,11 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
             priced: price.is_some(),
             context_tokens: m.context_tokens,
             supports_tools: m.supports_tools,
+            reasoning: m.reasoning,
+            max_tokens_field: completion_field,
+            images,
+            unsized_part_tokens: m.unsized_part_tokens,
+            tier_prices,
             targets,
         }));
     }
@@ -647,10 +732,12 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
         }
         if let Some(allowed) = &t.models {
             for (j, model) in allowed.iter().enumerate() {
-                if !file.models.iter().any(|m| &m.name == model) {
+                if !file.models.iter().any(|m| &m.name == model)
+                    && !file.routes.iter().any(|r| &r.name == model)
+                {
                     errors.add(
                         format!("{at}.models[{j}]"),
-                        format!("unknown model `{model}`"),
+                        format!("unknown model or route `{model}`"),
                     );
                 }
             }
@@ -840,11 +927,13 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
     Some(Policy {
         routes,
         listen,
+        tls,
         database_url: file.database_url,
         redis_url: file.redis_url,
         redis_timeout: Duration::from_millis(file.redis_timeout_ms.max(1)),
         reservation_ttl: Duration::from_secs(file.reservation_ttl_secs.max(1)),
         max_body_bytes: file.max_body_bytes as usize,
+        passthrough_parameters: file.passthrough_parameters.iter().cloned().collect(),
         key_refresh: Duration::from_millis(file.key_refresh_ms.max(50)),
         threads: file.threads,
         ledger_flush_interval: Duration::from_millis(file.ledger.flush_interval_ms.max(1)),
@@ -859,6 +948,8 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
         ledger_retention_months: file.ledger.retention_months,
         admin_listen,
         admin_token_env: file.admin.token_env,
+        admin_tls,
+        admin_audit_retention_days: file.admin.audit_retention_days,
         drain: Duration::from_secs(
             file.shutdown
                 .drain_secs
@@ -935,10 +1026,69 @@ fn convert_price(p: &PriceSection, at: &str, errors: &mut Errors) -> Price {
         .map(|c| field("cached_input", c))
         .unwrap_or(input);
     let output = field("output", p.output);
+    let audio_input = p.audio_input.map(|a| field("audio_input", a));
+    let audio_output = p.audio_output.map(|a| field("audio_output", a));
+    // USD per 1,000 calls is micro-dollars per call times 1,000: the same conversion, scaled.
+    let web_search_call = p.web_search_calls.map(|usd| {
+        Price::usd_per_million_to_micros(usd / 1000.0).unwrap_or_else(|| {
+            errors.add(
+                format!("{at}.web_search_calls"),
+                "must be a non-negative number of USD per 1,000 calls",
+            );
+            0
+        })
+    });
     Price {
         input,
         cached_input,
         output,
+        audio_input,
+        audio_output,
+        web_search_call,
+    }
+}
+
+/// How a model's images cost prompt tokens, from its `images:` section.
+fn convert_images(
+    section: Option<&file::ImageSection>,
+    at: &str,
+    errors: &mut Errors,
+) -> tollgate_billing::tokens::ImageCost {
+    use tollgate_billing::tokens::ImageCost;
+    let Some(s) = section else {
+        return ImageCost::default();
+    };
+    match (s.base_tokens, s.tile_tokens, s.patch_multiplier) {
+        (Some(base), Some(tile), None) if s.max_patches.is_none() => ImageCost::Tiles { base, tile },
+        (None, None, Some(multiplier)) if multiplier.is_finite() && multiplier > 0.0 => {
+            ImageCost::Patches {
+                max_patches: s.max_patches.unwrap_or(1536).max(1),
+                multiplier,
+            }
+        }
+        _ => {
+            errors.add(
+                at,
+                "set `base_tokens` and `tile_tokens`, or `patch_multiplier` (and optionally `max_patches`)",
+            );
+            ImageCost::default()
+        }
+    }
+}
+
+/// Reads a `tls:` section's certificate and key; problems are reported at `{at}.cert` or
+/// `{at}.key`.
+fn load_tls(
+    section: &file::TlsSection,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<Arc<crate::tls::TlsCert>> {
+    match crate::tls::load(&section.cert, &section.key) {
+        Ok(cert) => Some(Arc::new(cert)),
+        Err(e) => {
+            errors.add(format!("{at}.{}", e.field), e.message);
+            None
+        }
     }
 }
 
@@ -967,7 +1117,12 @@ fn parse_base_url(url: &str) -> Option<(bool, String, u16, String)> {
 mod tests;
 
 /// Validates a `kind: local` backend into what the runtime needs.
-fn local_backend(b: &BackendSection, at: &str, errors: &mut Errors) -> Option<LocalBackend> {
+fn local_backend(
+    b: &BackendSection,
+    at: &str,
+    errors: &mut Errors,
+    warnings: &mut Vec<String>,
+) -> Option<LocalBackend> {
     if b.base_url.is_some() {
         errors.add(
             format!("{at}.base_url"),
@@ -1036,9 +1191,37 @@ fn local_backend(b: &BackendSection, at: &str, errors: &mut Errors) -> Option<Lo
         options.default_top_p = p;
     }
     options.name = Some("default".into());
+    // Off loopback, anyone who can reach the port could use the runtime unmetered: only with
+    // a token the operator chose (a generated one would lock out whatever it is opened for).
+    if let Some(listen) = b.listen {
+        if !listen.ip().is_loopback() && b.token_env.is_none() {
+            errors.add(
+                format!("{at}.listen"),
+                format!(
+                    "{listen} is not a loopback address: set `token_env` to the variable holding \
+                     the bearer token the runtime will require, or listen on 127.0.0.1"
+                ),
+            );
+        }
+    }
+    let token = b.token_env.as_ref().and_then(|var| {
+        let token = std::env::var(var)
+            .ok()
+            .and_then(|v| tollgate_runtime::Token::new(&v));
+        if token.is_none() {
+            warnings.push(format!(
+                "backend `{}`: environment variable {var} is not set (its runtime gets a \
+                 random token, or refuses to start off loopback)",
+                b.name
+            ));
+        }
+        token
+    });
     Some(LocalBackend {
         options,
         listen: b.listen,
+        token,
         addr: std::sync::OnceLock::new(),
+        secret: std::sync::OnceLock::new(),
     })
 }

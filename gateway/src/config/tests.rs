@@ -49,7 +49,8 @@ fn loads_a_valid_file() {
         Price {
             input: 150_000,
             cached_input: 75_000,
-            output: 600_000
+            output: 600_000,
+            ..Default::default()
         }
     );
     assert_eq!(model.targets.len(), 2);
@@ -100,7 +101,7 @@ tenants:
         "{shown:#?}"
     );
     assert!(
-        shown[2].starts_with("13:17: tenants[0].models[1]: unknown model `ghost`"),
+        shown[2].starts_with("13:17: tenants[0].models[1]: unknown model or route `ghost`"),
         "{shown:#?}"
     );
 }
@@ -291,4 +292,100 @@ fn admin_and_retention_settings_are_checked() {
     );
     assert!(Policy::from_yaml(&format!("{lifetime}ledger: {{ retention_months: 0 }}\n")).is_err());
     assert!(Policy::from_yaml(&format!("{VALID}ledger: {{ retention_months: 12 }}\n")).is_ok());
+}
+
+#[test]
+fn tls_files_are_read_at_load_and_their_changes_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = |name: &str| {
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let (c, k) = (
+            dir.path().join(format!("{name}.crt")),
+            dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, signing_key.serialize_pem()).unwrap();
+        (c.display().to_string(), k.display().to_string())
+    };
+    let (cert, key) = pair("a");
+    let with = |data: (&str, &str), admin: (&str, &str)| {
+        format!(
+            "{VALID}tls: {{ cert: \"{}\", key: \"{}\" }}\nadmin: {{ tls: {{ cert: \"{}\", key: \"{}\" }} }}\n",
+            data.0, data.1, admin.0, admin.1
+        )
+    };
+    let policy = Policy::from_yaml(&with((&cert, &key), (&cert, &key))).expect("valid");
+    assert_eq!(policy.tls.as_ref().unwrap().cert.display().to_string(), cert);
+    assert!(policy.admin_tls.is_some());
+    assert!(Policy::from_yaml(VALID).unwrap().tls.is_none());
+
+    let errors = Policy::from_yaml(&with((&cert, "/nonexistent.key"), ("/nonexistent.crt", &key)))
+        .unwrap_err();
+    let at = |path: &str| errors.iter().find(|e| e.path == path);
+    let tls_line = VALID.lines().count() + 1;
+    assert!(
+        at("tls.key").is_some_and(|e| e.line == Some(tls_line)),
+        "{errors:?}"
+    );
+    assert!(at("admin.tls.cert").is_some(), "{errors:?}");
+
+    // A renewed certificate is a change `config diff` (and a reload's log) shows.
+    let (renewed, renewed_key) = pair("b");
+    let old = Policy::from_yaml(&with((&cert, &key), (&cert, &key))).unwrap();
+    let new = Policy::from_yaml(&with((&renewed, &renewed_key), (&cert, &key))).unwrap();
+    let changes: Vec<String> = diff(&old, &new).iter().map(|c| c.to_string()).collect();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(
+        changes[0].starts_with("server    tls: ") && changes[0].contains(&renewed),
+        "{changes:?}"
+    );
+    let off = diff(&old, &Policy::from_yaml(VALID).unwrap());
+    assert!(off.iter().any(|c| c.subject == "admin.tls" && c.change.ends_with("-> off")));
+}
+
+#[test]
+fn a_local_runtime_listens_off_loopback_only_with_a_token() {
+    let local = |fields: &str| {
+        format!(
+            "database_url: sqlite://t.db\nbackends:\n  - {{ name: local, kind: local, model_path: m.gguf{fields} }}\n\
+             models:\n  - {{ name: smol, targets: [{{ backend: local, model: default }}] }}\ntenants:\n  - name: acme\n"
+        )
+    };
+    let errors = Policy::from_yaml(&local(", listen: \"0.0.0.0:8090\"")).unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.path == "backends[0].listen" && e.message.contains("token_env")),
+        "{errors:?}"
+    );
+    // With a token variable: valid; unset, a warning (serve then refuses to start it).
+    let policy = Policy::from_yaml(&local(
+        ", listen: \"0.0.0.0:8090\", token_env: TOLLGATE_TEST_UNSET_VARIABLE",
+    ))
+    .expect("valid");
+    let backend = &policy.backends[0];
+    assert!(backend.local.as_ref().unwrap().token.is_none());
+    assert!(
+        policy
+            .warnings
+            .iter()
+            .any(|w| w.contains("TOLLGATE_TEST_UNSET_VARIABLE")),
+        "{:?}",
+        policy.warnings
+    );
+    // Loopback needs nothing; the bearer sent upstream is the secret of the running runtime.
+    let policy = Policy::from_yaml(&local(", listen: \"127.0.0.1:8090\"")).expect("valid");
+    let backend = &policy.backends[0];
+    assert_eq!(backend.bearer(), None, "no runtime started yet");
+    let secret = tollgate_runtime::Token::random();
+    backend.local.as_ref().unwrap().secret.set(secret.clone()).unwrap();
+    assert_eq!(backend.bearer(), Some(secret.expose()));
+    // `token_env` belongs to local backends only.
+    let errors = Policy::from_yaml(&VALID.replace(
+        "api_key_env: TOLLGATE_TEST_UNSET_VARIABLE",
+        "api_key_env: TOLLGATE_TEST_UNSET_VARIABLE\n    token_env: X",
+    ))
+    .unwrap_err();
+    assert!(errors.iter().any(|e| e.path == "backends[0].token_env"), "{errors:?}");
 }

@@ -166,6 +166,42 @@ impl ApiError {
         .with_param("model")
     }
 
+    /// A request field the gateway does not know, so cannot tell what it costs. The field's name
+    /// is the client's: shortened, and escaped by the JSON body.
+    pub fn unknown_parameter(field: &str) -> Self {
+        let shown: String = field.chars().take(64).collect();
+        Self::new(
+            400,
+            "invalid_request_error",
+            "unsupported_parameter",
+            format!(
+                "Unsupported parameter: `{shown}` is not known to this gateway, which cannot tell what it would cost. An operator can allow it with `passthrough_parameters`."
+            ),
+        )
+    }
+
+    /// A feature that changes what a request costs, which the model's price does not cover.
+    pub fn unpriced_feature(feature: &str, model: &str, param: &'static str) -> Self {
+        Self::new(
+            400,
+            "invalid_request_error",
+            "unsupported_parameter",
+            format!("The model `{model}` has no price for {feature}, so this gateway does not serve it."),
+        )
+        .with_param(param)
+    }
+
+    /// Content only the provider can size, which a hard budget cannot bound.
+    pub fn unsized_content(model: &str) -> Self {
+        Self::new(
+            400,
+            "invalid_request_error",
+            "unsupported_content",
+            format!("The request has content parts (audio, files or parts of an unknown type) whose size only the provider knows, and the model `{model}` sets no `unsized_part_tokens` to reserve for them under a hard budget."),
+        )
+        .with_param("messages")
+    }
+
     pub fn bad_gateway(message: impl Into<String>) -> Self {
         Self::new(502, "upstream_error", "bad_gateway", message)
     }

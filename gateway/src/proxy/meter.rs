@@ -47,6 +47,11 @@ pub struct Meter {
     pub routing: Option<RouteNote>,
     /// Set once by [`Meter::end`]: the ledger row and the budget settle share this instant.
     pub ended: Option<Duration>,
+    /// Web search calls the request pays for.
+    pub web_searches: u64,
+    /// A provider that did the work but whose answer could not be read: the output it may
+    /// bill (the cap it was sent), billed with the counted prompt.
+    pub unread_output: Option<u64>,
 }
 
 impl Meter {
@@ -68,6 +73,15 @@ impl Meter {
 
     /// Billed usage: the provider's report when it covers the request, else the gateway's count.
     fn billed(&self) -> (Usage, &'static str) {
+        if let (false, Some(output)) = (self.served, self.unread_output) {
+            let usage = Usage {
+                prompt: self.counted_prompt,
+                completion: output,
+                web_searches: self.web_searches,
+                ..Default::default()
+            };
+            return (usage, "upper_bound");
+        }
         if !self.served {
             return (Usage::default(), "none");
         }
@@ -77,20 +91,26 @@ impl Meter {
                 prompt: Some(prompt),
                 cached,
                 completion,
+                audio_prompt,
+                audio_completion,
                 ..
             }) if completion.is_some() || embeddings => {
                 let usage = Usage {
                     prompt,
                     cached: cached.unwrap_or(0),
                     completion: completion.unwrap_or(0),
+                    audio_prompt: audio_prompt.unwrap_or(0),
+                    audio_completion: audio_completion.unwrap_or(0),
+                    web_searches: self.web_searches,
                 };
                 (usage, "provider")
             }
             _ => {
                 let usage = Usage {
                     prompt: self.counted_prompt,
-                    cached: 0,
                     completion: self.counted_completion,
+                    web_searches: self.web_searches,
+                    ..Default::default()
                 };
                 (usage, "gateway")
             }

@@ -8,10 +8,11 @@
 
 pub mod error;
 mod meter;
-mod request;
-mod sse;
+mod redact;
+pub mod request;
+pub mod sse;
 mod upstream;
-mod usage;
+pub mod usage;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,7 +25,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 use serde_json::{json, Value};
 use tollgate_billing::ledger::LedgerSender;
-use tollgate_billing::price::Price;
+use tollgate_billing::price::{Price, Usage};
 use tollgate_billing::tokens::Tokenizer;
 
 use crate::config::{Model, OnExhausted, Policy, Tenant};
@@ -186,14 +187,21 @@ impl Gateway {
     }
 
     fn authenticate(&self, session: &Session) -> Result<Arc<KeyInfo>, ApiError> {
-        let header = session
+        let mut headers = session
             .req_header()
             .headers
-            .get(http::header::AUTHORIZATION)
-            .ok_or_else(ApiError::missing_key)?;
+            .get_all(http::header::AUTHORIZATION)
+            .iter();
+        let header = headers.next().ok_or_else(ApiError::missing_key)?;
+        if headers.next().is_some() {
+            // Which one counts would be a guess, and the proxies in front may guess otherwise.
+            return Err(ApiError::invalid_key());
+        }
         let value = header.to_str().map_err(|_| ApiError::invalid_key())?.trim();
         let token = match value.split_once(' ') {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+            // `Bearer ` with nothing after it (the header's trailing space is trimmed).
+            None if value.eq_ignore_ascii_case("bearer") => "",
             _ => return Err(ApiError::invalid_key()),
         };
         if token.is_empty() {
@@ -265,6 +273,8 @@ impl Gateway {
             routing: None,
             tags: tenant.and_then(|t| t.tags_json.clone()),
             time_zone: tenant.map(|t| t.time_zone),
+            web_searches: 0,
+            unread_output: None,
         };
         let mut admission = None;
         if let Err(error) = self
@@ -313,6 +323,9 @@ impl Gateway {
         if !policy.tenant_may_use(&meter.tenant, &request.model) {
             return Err(ApiError::model_not_found(&request.model));
         }
+        if let Some(field) = request.unpriceable_field(&policy.passthrough_parameters) {
+            return Err(ApiError::unknown_parameter(&field));
+        }
         let output_cap = match endpoint {
             Endpoint::Embeddings => 0,
             _ => request
@@ -347,7 +360,7 @@ impl Gateway {
                     budget_used,
                     field: &field,
                     tier_header: tier_header.as_deref(),
-                    needed_context: cheap_prompt + output_cap,
+                    needed_context: cheap_prompt.saturating_add(output_cap),
                 };
                 let decision = self.state.routing.route(route, Some(tenant), &input)?;
                 let model = match decision.tier {
@@ -372,14 +385,18 @@ impl Gateway {
             }
         };
         meter.tokenizer = model.tokenizer;
-        meter.price = model.price;
-        meter.counted_prompt = match counted {
+        let media = request.media(&model.images);
+        let text_prompt = match counted {
             Some((tokenizer, tokens)) if tokenizer == model.tokenizer => tokens,
             _ => request.count_prompt_tokens(model.tokenizer) as u64,
         };
+        meter.counted_prompt = text_prompt.saturating_add(media.image_tokens);
         if !model.priced && !tenant.allow_unpriced {
             return Err(ApiError::unpriced_model(&model.name));
         }
+        let worst = worst_case(&request, &model, tenant, &media, meter.counted_prompt, output_cap)?;
+        meter.price = worst.price;
+        meter.web_searches = worst.usage.web_searches;
         let granted = self
             .state
             .limits
@@ -388,15 +405,16 @@ impl Gateway {
                 &meter.key_id,
                 &model.name,
                 &meter.request_id,
-                meter.counted_prompt,
-                output_cap.saturating_mul(request.choices()),
-                model.price,
+                worst.usage,
+                worst.price,
             )
             .await?;
-        // A non-streamed answer cannot be cut: bound it upstream so the reservation holds.
-        let inject_cap =
-            (granted.is_limited() && endpoint != Endpoint::Embeddings && !request.stream)
-                .then_some(output_cap);
+        // A non-streamed answer cannot be cut, nor can the hidden reasoning of a stream (its
+        // visible text is not what it costs): bound them upstream so the reservation holds.
+        let inject_cap = (granted.is_limited()
+            && endpoint != Endpoint::Embeddings
+            && (!request.stream || model.reasoning))
+            .then_some(output_cap);
         let mut headers = granted.headers();
         if let Some(decision) = &routed {
             let route = format!(
@@ -411,7 +429,7 @@ impl Gateway {
         let admission = admission.insert(granted);
 
         let chosen = tokio::select! {
-            chosen = self.choose(&request, &model, meter, inject_cap) => Some(chosen?),
+            chosen = self.choose(&request, &model, meter, inject_cap, output_cap) => Some(chosen?),
             () = client_gone(session) => None,
             () = self.state.drain.cut_now() => {
                 // Nothing reached the client: it is told to retry and billed nothing.
@@ -451,6 +469,7 @@ impl Gateway {
         model: &Model,
         meter: &mut Meter,
         inject_cap: Option<u64>,
+        output_cap: u64,
     ) -> Result<Chosen<'a>, ApiError> {
         let mut last_error = None;
         for (i, target) in model.targets.iter().enumerate() {
@@ -458,7 +477,8 @@ impl Gateway {
             meter.attempts += 1;
             meter.backend = Some(target.backend.name.clone());
             meter.upstream_model = Some(target.upstream_model.clone());
-            let body = request.upstream_body(&target.upstream_model, inject_cap);
+            let body =
+                request.upstream_body(&target.upstream_model, inject_cap, model.max_tokens_field);
             let suffix = request.endpoint.upstream_suffix();
             let mut exchange = match self
                 .upstreams
@@ -495,34 +515,60 @@ impl Gateway {
                         })
                     }
                     Err(error) => {
+                        // The provider took the request and may have started on it: no retry
+                        // elsewhere (that pays twice); billed like an unreadable success.
+                        tracing::warn!(request_id = %meter.request_id, backend = exchange.backend_name(), "stream broke before its first bytes: {error:?}");
                         exchange.finish().await;
+                        meter.unread_output = Some(output_cap.saturating_mul(request.choices()));
                         last_error = Some(error);
-                        continue;
+                        break;
                     }
                 }
             }
             let content_type = exchange.header("content-type");
             let retry_after = exchange.header("retry-after");
-            match exchange.read_to_end(MAX_RESPONSE_BYTES).await {
+            let success = (200..300).contains(&status);
+            let read = exchange.read_to_end(MAX_RESPONSE_BYTES).await;
+            let message = match &read {
+                Ok(body) if success => serde_json::from_slice::<Value>(body).ok(),
+                _ => None,
+            };
+            if success && message.is_none() {
+                // A success whose body is cut, garbled or unreadable serves the client nothing,
+                // but the provider has done the work and bills it: a clear 502, billed at the
+                // counted prompt and the most output it may have made. Never retried elsewhere,
+                // which would pay for it twice.
+                let why = match &read {
+                    Ok(_) => "a body that is not valid JSON".to_string(),
+                    Err(error) => format!("a body that could not be read ({error:?})"),
+                };
+                tracing::warn!(request_id = %meter.request_id, backend = exchange.backend_name(), status, "backend answered with {why}");
+                let detail = format!(
+                    "backend `{}` answered {status} with {why}",
+                    exchange.backend_name()
+                );
+                exchange.finish().await;
+                meter.unread_output = Some(
+                    inject_cap
+                        .unwrap_or(output_cap)
+                        .saturating_mul(request.choices()),
+                );
+                last_error = Some(AttemptError::new(
+                    upstream::Failure::Malformed,
+                    &target.backend,
+                    detail,
+                ));
+                break;
+            }
+            match read {
                 Ok(body) => {
-                    let success = (200..300).contains(&status);
-                    let message = success
-                        .then(|| serde_json::from_slice::<Value>(&body).ok())
-                        .flatten();
-                    if success && message.is_none() {
-                        // A success whose body is cut or garbled serves the client nothing: a
-                        // clear 502, billed nothing. Not retried elsewhere: the provider has
-                        // done (and will charge for) the work once already.
-                        tracing::warn!(request_id = %meter.request_id, backend = exchange.backend_name(), status, "backend answered with a body that is not valid JSON");
-                        let detail = format!(
-                            "backend `{}` answered {status} with a body that is not valid JSON",
-                            exchange.backend_name()
-                        );
-                        exchange.finish().await;
-                        last_error = Some(AttemptError::Malformed(detail));
-                        break;
-                    }
                     exchange.finish().await;
+                    // A provider's error may echo its key (often masked): never passed on.
+                    let body = if success {
+                        body
+                    } else {
+                        redact::error_body(body, target.backend.bearer())
+                    };
                     return Ok(Chosen::Whole(Whole {
                         status,
                         content_type,
@@ -537,15 +583,11 @@ impl Gateway {
                 }
             }
         }
+        // The tenant hears which backend failed and how, never where it is or what broke.
         Err(match last_error {
-            Some(AttemptError::Timeout(detail)) => {
-                ApiError::gateway_timeout(format!("No backend answered in time ({detail})."))
-            }
-            Some(AttemptError::Malformed(detail)) => ApiError::bad_gateway(format!(
-                "The backend's answer could not be read ({detail})."
-            )),
-            Some(AttemptError::Connect(detail)) => {
-                ApiError::bad_gateway(format!("No backend could serve the request ({detail})."))
+            Some(error) => {
+                tracing::warn!(request_id = %meter.request_id, "no backend could serve the request: {error}");
+                error.to_api_error()
             }
             None => ApiError::bad_gateway("No backend could serve the request."),
         })
@@ -716,12 +758,10 @@ impl Gateway {
                 }
             }
         }
-        // A stream cut or abandoned before its end is billed on what was delivered.
-        meter.provider = if meter.outcome == "ok" {
-            relay.usage
-        } else {
-            None
-        };
+        // The provider's usage, whenever it arrived (also for a client gone at the very end):
+        // what the provider bills. A stream cut or abandoned before it is billed on what was
+        // delivered.
+        meter.provider = relay.usage;
         meter.count_completion(&relay.generated_text[..delivered_end]);
         exchange.finish().await;
     }
@@ -761,6 +801,96 @@ impl Gateway {
             }
         }
     }
+}
+
+/// A request's worst case and the price it is billed at.
+struct WorstCase {
+    usage: Usage,
+    price: Price,
+}
+
+/// The most a request can cost on `model`: its prompt (text, images, and a ceiling for each
+/// part only the provider can size), every completion it makes (`n`/`best_of`) up to the output
+/// cap plus a predicted output, audio at audio prices, a web search fee. Features the model's
+/// price does not cover are refused, since nothing could bound or bill them.
+fn worst_case(
+    request: &ClientRequest,
+    model: &Model,
+    tenant: &Tenant,
+    media: &tollgate_billing::tokens::Media,
+    prompt: u64,
+    output_cap: u64,
+) -> Result<WorstCase, ApiError> {
+    let priced = model.priced;
+    let price = match request.service_tier() {
+        Some(tier) if priced => model
+            .tier_prices
+            .iter()
+            .find(|(name, _)| name == tier)
+            .map(|(_, price)| *price)
+            .ok_or_else(|| {
+                let tier: String = tier.chars().take(64).collect();
+                ApiError::unpriced_feature(
+                    &format!("the `{tier}` service tier"),
+                    &model.name,
+                    "service_tier",
+                )
+            })?,
+        _ => model.price,
+    };
+    if priced && media.audio_parts > 0 && price.audio_input.is_none() {
+        return Err(ApiError::unpriced_feature(
+            "audio input",
+            &model.name,
+            "messages",
+        ));
+    }
+    let audio_out = request.wants_audio_output();
+    if priced && audio_out && price.audio_output.is_none() {
+        return Err(ApiError::unpriced_feature(
+            "audio output",
+            &model.name,
+            "modalities",
+        ));
+    }
+    let web_search = request.web_search();
+    if priced && web_search && price.web_search_call.is_none() {
+        return Err(ApiError::unpriced_feature(
+            "web search",
+            &model.name,
+            "web_search_options",
+        ));
+    }
+    let unsized_parts = media.unsized_parts();
+    let per_part = match model.unsized_part_tokens {
+        Some(tokens) => tokens,
+        None if unsized_parts > 0 && tenant.has_hard_limits() => {
+            return Err(ApiError::unsized_content(&model.name))
+        }
+        None => 0,
+    };
+    let audio_prompt = media.audio_parts.saturating_mul(per_part);
+    let completion = output_cap
+        .saturating_add(request.predicted_tokens(model.tokenizer))
+        .saturating_mul(request.choices());
+    let usage = Usage {
+        prompt: prompt.saturating_add(unsized_parts.saturating_mul(per_part)),
+        cached: 0,
+        completion,
+        // Counted at the dearer of the text and audio prices: either may be what is produced.
+        audio_prompt: if price.audio_input > Some(price.input) {
+            audio_prompt
+        } else {
+            0
+        },
+        audio_completion: if audio_out && price.audio_output > Some(price.output) {
+            completion
+        } else {
+            0
+        },
+        web_searches: u64::from(web_search),
+    };
+    Ok(WorstCase { usage, price })
 }
 
 /// What a streamed request carries besides its meter.

@@ -9,6 +9,9 @@ use super::usage::{append_generated_text, is_usage_only_chunk, provider_usage, P
 
 pub struct SseRelay {
     pending: BytesMut,
+    /// Where the search for the end of the pending event resumes: bytes before it were searched
+    /// already (an event sent in many small chunks costs linear time, not quadratic).
+    searched: usize,
     hide_usage_chunk: bool,
     pub usage: Option<ProviderUsage>,
     pub generated_text: String,
@@ -19,6 +22,7 @@ impl SseRelay {
     pub fn new(hide_usage_chunk: bool) -> SseRelay {
         SseRelay {
             pending: BytesMut::new(),
+            searched: 0,
             hide_usage_chunk,
             usage: None,
             generated_text: String::new(),
@@ -30,10 +34,19 @@ impl SseRelay {
     pub fn push(&mut self, chunk: &[u8]) -> Bytes {
         self.pending.extend_from_slice(chunk);
         let mut out = BytesMut::new();
-        while let Some(end) = event_end(&self.pending) {
-            let event = self.pending.split_to(end).freeze();
-            if self.inspect(&event) {
-                out.extend_from_slice(&event);
+        loop {
+            match event_end(&self.pending, self.searched) {
+                Ok(end) => {
+                    let event = self.pending.split_to(end).freeze();
+                    self.searched = 0;
+                    if self.inspect(&event) {
+                        out.extend_from_slice(&event);
+                    }
+                }
+                Err(resume) => {
+                    self.searched = resume;
+                    break;
+                }
             }
         }
         out.freeze()
@@ -42,6 +55,7 @@ impl SseRelay {
     /// Whatever is left when the upstream ends (an unterminated last event).
     pub fn finish(&mut self) -> Bytes {
         let rest = self.pending.split().freeze();
+        self.searched = 0;
         if rest.iter().all(u8::is_ascii_whitespace) || !self.inspect(&rest) {
             return Bytes::new();
         }
@@ -79,25 +93,27 @@ impl SseRelay {
 }
 
 /// End (exclusive) of the first complete event: after a blank line, in any of SSE's line endings.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
+/// The search starts at `from`, a position an earlier search returned; `Err` is where the next
+/// search, with more bytes, resumes.
+fn event_end(buf: &[u8], from: usize) -> Result<usize, usize> {
+    let mut i = from;
     while i < buf.len() {
         if buf[i] == b'\n' || buf[i] == b'\r' {
-            let first = line_break_len(&buf[i..])?;
+            let first = line_break_len(&buf[i..]).ok_or(i)?;
             let j = i + first;
             if j < buf.len() && (buf[j] == b'\n' || buf[j] == b'\r') {
-                let second = line_break_len(&buf[j..])?;
-                return Some(j + second);
+                let second = line_break_len(&buf[j..]).ok_or(i)?;
+                return Ok(j + second);
             }
             if j >= buf.len() {
-                return None;
+                return Err(i);
             }
             i = j;
         } else {
             i += 1;
         }
     }
-    None
+    Err(buf.len())
 }
 
 /// Length of the line break at the start of `buf`; `None` when a lone `\r` ends the buffer and
@@ -139,7 +155,7 @@ mod tests {
                     prompt: Some(9),
                     cached: Some(4),
                     completion: Some(2),
-                    speculation: None,
+                    ..Default::default()
                 })
             );
             assert!(relay.saw_done);
@@ -156,6 +172,28 @@ mod tests {
             Some(2),
             "usage is still metered"
         );
+    }
+
+    #[test]
+    fn a_long_event_in_small_chunks_is_searched_once() {
+        // A 64 KiB event in 1-byte chunks: each push searches only the new byte.
+        let mut relay = SseRelay::new(false);
+        let event = format!("data: {}\n\n", "x".repeat(1 << 16));
+        let mut out = Vec::new();
+        for byte in event.as_bytes() {
+            out.extend_from_slice(&relay.push(std::slice::from_ref(byte)));
+            assert!(relay.searched <= relay.pending.len());
+            assert!(
+                relay.pending.len() - relay.searched <= 2,
+                "re-searched old bytes"
+            );
+        }
+        assert_eq!(out, event.as_bytes());
+        // A CR at a chunk's end may become CRLF: the search resumes on it.
+        let mut relay = SseRelay::new(false);
+        assert!(relay.push(b"data: a\r").is_empty());
+        assert!(relay.push(b"\n\r").is_empty());
+        assert_eq!(&relay.push(b"\ndata: b")[..], b"data: a\r\n\r\n");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
+use super::error::ApiError;
 use crate::config::Backend;
 
 /// How long an idle pooled upstream connection is kept.
@@ -22,25 +23,67 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DNS_TTL: Duration = Duration::from_secs(30);
 
 /// Why an attempt produced no usable response.
-#[derive(Debug)]
-pub enum AttemptError {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
     /// Could not connect or the connection failed before a response header.
-    Connect(String),
+    Connect,
     /// No response header, or no body bytes, within the backend's timeouts.
-    Timeout(String),
+    Timeout,
     /// A success whose body is not what the API promises (e.g. truncated JSON).
-    Malformed(String),
+    Malformed,
+}
+
+/// A failed attempt: what went wrong, at which backend (its configured name), and the detail for
+/// the log (addresses and I/O errors, never the backend's key). Tenants are told only the first
+/// two ([`AttemptError::to_api_error`]).
+#[derive(Debug)]
+pub struct AttemptError {
+    pub failure: Failure,
+    pub backend: String,
+    detail: String,
 }
 
 impl AttemptError {
-    fn from_pingora(backend: &str, e: &pingora::Error) -> AttemptError {
-        let detail = format!("backend `{backend}`: {e}");
-        match e.etype() {
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                AttemptError::Timeout(detail)
-            }
-            _ => AttemptError::Connect(detail),
+    pub fn new(failure: Failure, backend: &Backend, detail: impl std::fmt::Display) -> Self {
+        AttemptError {
+            failure,
+            backend: backend.name.clone(),
+            detail: super::redact::redact(&detail.to_string(), backend.bearer())
+                .into_owned(),
         }
+    }
+
+    fn from_pingora(backend: &Backend, e: &pingora::Error) -> AttemptError {
+        let failure = match e.etype() {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                Failure::Timeout
+            }
+            _ => Failure::Connect,
+        };
+        AttemptError::new(failure, backend, e)
+    }
+
+    /// What the tenant sees: the kind of failure and the backend's name, no address, no
+    /// connection detail.
+    pub fn to_api_error(&self) -> ApiError {
+        let backend = &self.backend;
+        match self.failure {
+            Failure::Timeout => ApiError::gateway_timeout(format!(
+                "No backend answered in time (last tried: `{backend}`)."
+            )),
+            Failure::Malformed => ApiError::bad_gateway(format!(
+                "The answer of backend `{backend}` could not be read."
+            )),
+            Failure::Connect => ApiError::bad_gateway(format!(
+                "No backend could serve the request (last tried: `{backend}`)."
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "backend `{}`: {:?}: {}", self.backend, self.failure, self.detail)
     }
 }
 
@@ -85,9 +128,7 @@ impl Upstreams {
             .await
             .ok()
             .and_then(|mut addrs| addrs.next())
-            .ok_or_else(|| {
-                AttemptError::Connect(format!("backend `{}`: cannot resolve host", backend.name))
-            })?;
+            .ok_or_else(|| AttemptError::new(Failure::Connect, backend, "cannot resolve host"))?;
         self.resolved
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -124,7 +165,7 @@ impl Upstreams {
                 .connector
                 .get_http_session(&peer)
                 .await
-                .map_err(|e| AttemptError::from_pingora(&backend.name, &e))?;
+                .map_err(|e| AttemptError::from_pingora(backend, &e))?;
             let header = request_header(backend, path_suffix, body.len(), stream, request_id);
             let result = async {
                 session.write_request_header(Box::new(header)).await?;
@@ -149,7 +190,7 @@ impl Upstreams {
                 }
                 Err(e) => {
                     session.shutdown().await;
-                    return Err(AttemptError::from_pingora(&backend.name, &e));
+                    return Err(AttemptError::from_pingora(backend, &e));
                 }
             }
         }
@@ -189,7 +230,7 @@ fn request_header(
         concat!("tollgate/", env!("CARGO_PKG_VERSION")),
     );
     let _ = header.insert_header("x-request-id", request_id);
-    if let Some(key) = &backend.api_key {
+    if let Some(key) = backend.bearer() {
         let _ = header.insert_header("authorization", format!("Bearer {key}"));
     }
     header
@@ -221,7 +262,7 @@ impl Exchange<'_> {
         self.session
             .read_response_body()
             .await
-            .map_err(|e| AttemptError::from_pingora(&self.backend.name, &e))
+            .map_err(|e| AttemptError::from_pingora(&self.backend, &e))
     }
 
     /// The whole body, refused past `limit` bytes.
@@ -229,10 +270,11 @@ impl Exchange<'_> {
         let mut body = BytesMut::new();
         while let Some(chunk) = self.read().await? {
             if body.len() + chunk.len() > limit {
-                return Err(AttemptError::Connect(format!(
-                    "backend `{}`: response larger than {limit} bytes",
-                    self.backend.name
-                )));
+                return Err(AttemptError::new(
+                    Failure::Connect,
+                    &self.backend,
+                    format!("response larger than {limit} bytes"),
+                ));
             }
             body.extend_from_slice(&chunk);
         }

@@ -10,6 +10,9 @@ pub struct ProviderUsage {
     pub prompt: Option<u64>,
     pub cached: Option<u64>,
     pub completion: Option<u64>,
+    /// `prompt_tokens_details.audio_tokens` and `completion_tokens_details.audio_tokens`.
+    pub audio_prompt: Option<u64>,
+    pub audio_completion: Option<u64>,
     /// `usage.speculative` of Tollgate's local runtime.
     pub speculation: Option<Speculation>,
 }
@@ -26,6 +29,16 @@ pub fn provider_usage(message: &Value) -> Option<ProviderUsage> {
                 .and_then(|d| d.get("cached_tokens")),
         ),
         completion: number(usage.get("completion_tokens")),
+        audio_prompt: number(
+            usage
+                .get("prompt_tokens_details")
+                .and_then(|d| d.get("audio_tokens")),
+        ),
+        audio_completion: number(
+            usage
+                .get("completion_tokens_details")
+                .and_then(|d| d.get("audio_tokens")),
+        ),
         speculation: usage.get("speculative").and_then(|s| {
             Some(Speculation {
                 acceptance_rate: s.get("acceptance_rate")?.as_f64()?,

@@ -185,6 +185,16 @@ async fn serve(mut socket: TcpStream, state: Arc<FaultUpstream>) {
             }
             let _ = writer.write_all(b"0\r\n\r\n").await;
         }
+        "short-body" => {
+            // Promises more body than it sends, then closes: the read fails.
+            let body = "{\"id\": \"chatcmpl-fault\", \"object\": \"chat.completion\"";
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len() + 500
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(body.as_bytes()).await;
+        }
         "bad-json" => {
             let body = "{\"id\": \"chatcmpl-fault\", \"object\": \"chat.completion\", \"choices\": [{\"index\": 0, \"message\": {\"role\": \"assistant\", \"content\": \"cut off her";
             let head = format!(

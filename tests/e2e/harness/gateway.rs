@@ -7,9 +7,22 @@ use std::time::{Duration, Instant};
 use tollgate_billing::ledger::LedgerRow;
 use tollgate_billing::store::Store;
 
+use super::secrets;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 /// The admin token every test gateway runs with.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// The provider key mock backends get (`api_key_env: TOLLGATE_TEST_PROVIDER_KEY`).
+pub const PROVIDER_KEY: &str = "sk-provider-secret";
+/// A webhook signing secret (`secret_env: TOLLGATE_TEST_ALERT_SECRET`).
+pub const ALERT_SECRET: &str = "whsec-test-alert-secret";
+
+/// The secrets every test gateway is given, in the leak registry.
+fn register_fixed_secrets() {
+    for secret in [ADMIN_TOKEN, PROVIDER_KEY, ALERT_SECRET] {
+        secrets::register(secret);
+    }
+}
 
 /// A free loopback port (bound then released; the gateway binds it right after).
 pub fn free_port() -> u16 {
@@ -26,35 +39,75 @@ pub struct Gateway {
     pub port: u16,
     pub admin_port: u16,
     pub database_url: String,
+    /// With TLS on both listeners: the certificate (PEM) every harness request trusts.
+    pub cert_pem: Option<String>,
     child: Option<Child>,
 }
 
 /// Runs a `tollgate` subcommand with `--config`.
 pub fn tollgate(config: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
+    register_fixed_secrets();
+    let output = Command::new(BIN)
         .arg("--config")
         .arg(config)
         .args(args)
-        .env("TOLLGATE_TEST_PROVIDER_KEY", "sk-provider-secret")
+        .env("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
+        .env("TOLLGATE_TEST_ALERT_SECRET", ALERT_SECRET)
         .output()
-        .expect("run tollgate")
+        .expect("run tollgate");
+    // Key secrets the command printed (`keys create`, `keys rotate`).
+    secrets::register_keys_in(&String::from_utf8_lossy(&output.stdout));
+    output
 }
 
 impl Gateway {
     /// Writes `policy` (a YAML body without `listen` and `database_url`) and starts the gateway.
     /// `database_url`: `None` for a fresh SQLite file.
     pub async fn start(policy: &str, database_url: Option<String>) -> Gateway {
+        Gateway::start_with(policy, database_url, None).await
+    }
+
+    /// Like [`Gateway::start`], with HTTPS on the data plane and the admin API: the certificate
+    /// and key (PEM) are written beside the policy, and every request the harness makes trusts
+    /// the certificate.
+    pub async fn start_tls(policy: &str, cert_pem: &str, key_pem: &str) -> Gateway {
+        Gateway::start_with(policy, None, Some((cert_pem, key_pem))).await
+    }
+
+    async fn start_with(
+        policy: &str,
+        database_url: Option<String>,
+        tls: Option<(&str, &str)>,
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let admin_port = free_port();
         let database_url = database_url
             .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("ledger.db").display()));
         let config = dir.path().join("tollgate.yaml");
+        let tls_yaml = match tls {
+            Some((cert, key)) => {
+                let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+                std::fs::write(&cert_path, cert).unwrap();
+                std::fs::write(&key_path, key).unwrap();
+                format!(
+                    "tls: {{ cert: \"{}\", key: \"{}\" }}",
+                    cert_path.display(),
+                    key_path.display()
+                )
+            }
+            None => String::new(),
+        };
+        let admin_tls = if tls.is_some() {
+            format!(", {tls_yaml}")
+        } else {
+            String::new()
+        };
         let text = format!(
             "listen: [\"127.0.0.1:{port}\"]\ndatabase_url: {database_url}\nkey_refresh_ms: 100\nthreads: 2\n\
              shutdown: {{ drain_secs: 0, timeout_secs: 2 }}\n\
              ledger: {{ flush_interval_ms: 50, spool_path: {} }}\n\
-             admin: {{ listen: \"127.0.0.1:{admin_port}\" }}\n{policy}",
+             admin: {{ listen: \"127.0.0.1:{admin_port}\"{admin_tls} }}\n{tls_yaml}\n{policy}",
             dir.path().join("spool.jsonl").display()
         );
         std::fs::write(&config, text).unwrap();
@@ -64,6 +117,7 @@ impl Gateway {
             port,
             admin_port,
             database_url,
+            cert_pem: tls.map(|(cert, _)| cert.to_string()),
             child: None,
         };
         gateway.spawn().await;
@@ -82,7 +136,8 @@ impl Gateway {
             .arg(&self.config)
             .arg("serve")
             .current_dir(self.dir.path())
-            .env("TOLLGATE_TEST_PROVIDER_KEY", "sk-provider-secret")
+            .env("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
+            .env("TOLLGATE_TEST_ALERT_SECRET", ALERT_SECRET)
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -91,9 +146,10 @@ impl Gateway {
     }
 
     async fn spawn(&mut self) {
+        register_fixed_secrets();
         self.child = Some(self.serve_process());
         let deadline = Instant::now() + Duration::from_secs(30);
-        let client = reqwest::Client::new();
+        let client = self.client();
         loop {
             if let Ok(r) = client.get(format!("{}/healthz", self.url())).send().await {
                 if r.status() == 200 {
@@ -112,17 +168,37 @@ impl Gateway {
         }
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.cert_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.port)
     }
 
     pub fn admin_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.admin_port)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.admin_port)
+    }
+
+    /// A client for this gateway's listeners: with TLS, it trusts this gateway's certificate
+    /// and nothing else.
+    pub fn client(&self) -> reqwest::Client {
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &self.cert_pem {
+            builder = builder
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap());
+        }
+        builder.build().unwrap()
     }
 
     /// GETs an admin API path with the admin token; returns status and JSON body.
     pub async fn admin_get(&self, path: &str) -> (u16, serde_json::Value) {
-        let r = reqwest::Client::new()
+        let r = self.client()
             .get(format!("{}{path}", self.admin_url()))
             .bearer_auth(ADMIN_TOKEN)
             .send()
@@ -138,7 +214,7 @@ impl Gateway {
         path: &str,
         body: serde_json::Value,
     ) -> (u16, serde_json::Value) {
-        let r = reqwest::Client::new()
+        let r = self.client()
             .post(format!("{}{path}", self.admin_url()))
             .bearer_auth(ADMIN_TOKEN)
             .json(&body)
@@ -146,12 +222,16 @@ impl Gateway {
             .await
             .unwrap();
         let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+        let body = r.json().await.unwrap_or(serde_json::Value::Null);
+        if let Some(secret) = body["secret"].as_str() {
+            secrets::register(secret);
+        }
+        (status, body)
     }
 
     /// POSTs a chat completion request authenticated with `key`.
     pub async fn chat(&self, key: &str, body: &serde_json::Value) -> reqwest::Response {
-        reqwest::Client::new()
+        self.client()
             .post(format!("{}/v1/chat/completions", self.url()))
             .bearer_auth(key)
             .json(body)
@@ -179,7 +259,7 @@ impl Gateway {
         let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
         assert!(secret.starts_with("tg-"));
         let deadline = Instant::now() + Duration::from_secs(10);
-        let client = reqwest::Client::new();
+        let client = self.client();
         while Instant::now() < deadline {
             let r = client
                 .get(format!("{}/v1/models", self.url()))
@@ -257,6 +337,10 @@ impl Drop for Gateway {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Every test's gateway log is searched for every secret the tests gave out so far.
+        if !std::thread::panicking() {
+            secrets::assert_no_secret("the gateway log", &self.log());
         }
     }
 }

@@ -42,6 +42,9 @@ pub struct Behaviour {
     pub chunk_delay_ms: AtomicU64,
     /// Number of content chunks in a stream.
     pub stream_chunks: AtomicUsize,
+    /// Refuse every request with 401, echoing the key it was sent like OpenAI does (masked in
+    /// the message) and whole in another field, as a careless provider might.
+    pub echo_key: AtomicBool,
 }
 
 pub struct MockUpstream {
@@ -138,6 +141,7 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_string();
+    let key = bearer(&headers);
     mock.received.lock().unwrap().push(Received {
         path: path.clone(),
         headers,
@@ -147,6 +151,23 @@ async fn handle(
     let delay = b.header_delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if b.echo_key.load(Ordering::SeqCst) {
+        let masked = if key.len() > 12 {
+            format!("{}{}{}", &key[..8], "*".repeat(key.len() - 12), &key[key.len() - 4..])
+        } else {
+            key.clone()
+        };
+        let error = json!({"error": {
+            "message": format!("Incorrect API key provided: {masked}. You can find your API key at https://platform.openai.com/account/api-keys."),
+            "type": "invalid_request_error", "param": null, "code": "invalid_api_key",
+            "debug": format!("Authorization: Bearer {key}")}});
+        return (
+            StatusCode::UNAUTHORIZED,
+            [("content-type", "application/json")],
+            error.to_string(),
+        )
+            .into_response();
     }
     let forced = b.always_status.load(Ordering::SeqCst);
     let failing = b
@@ -260,6 +281,16 @@ async fn handle(
         reply["usage"] = usage;
     }
     json_response(reply)
+}
+
+/// The bearer token a request carried.
+fn bearer(headers: &HeaderMap) -> String {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn json_response(value: Value) -> Response {

@@ -6,6 +6,7 @@ pub mod load;
 pub mod mock_upstream;
 pub mod process;
 pub mod report;
+pub mod secrets;
 pub mod stores;
 
 pub use gateway::{policy, Gateway};

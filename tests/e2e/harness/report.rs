@@ -1,6 +1,8 @@
 //! Results of the fault tests: each test saves its row as `target/reliability/<fault>.json`, then
 //! every present row is rendered, sorted by fault, into `bench/RELIABILITY.md` (under a lock
-//! directory, so tests running in parallel never lose each other's rows).
+//! directory, so tests running in parallel never lose each other's rows). The file ends with the
+//! hostile-input section (`tests/e2e/abuse.rs`, from [`ABUSE_MARKER`] on): each suite rewrites
+//! only its own part.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -164,9 +166,36 @@ fn try_save(row: &FaultRow) -> std::io::Result<()> {
         .collect();
     rows.sort_by(|a, b| a.fault.cmp(&b.fault));
     let out = workspace().join("bench").join("RELIABILITY.md");
+    let old = std::fs::read_to_string(&out).unwrap_or_default();
+    let abuse = old.find(ABUSE_MARKER).map_or("", |at| &old[at..]);
     let tmp = out.with_extension("md.tmp");
-    std::fs::write(&tmp, render(&rows))?;
+    std::fs::write(&tmp, format!("{}\n{abuse}", render(&rows)).trim_end().to_string() + "\n")?;
     std::fs::rename(&tmp, &out)
+}
+
+/// Where the hostile-input section of `bench/RELIABILITY.md` starts (it runs to the end).
+pub const ABUSE_MARKER: &str = "<!-- hostile input: written by tests/e2e/abuse.rs -->";
+
+/// Replaces the hostile-input section of `bench/RELIABILITY.md` with `section`, keeping the
+/// fault suite's part. Never panics: a report that cannot be written is only logged.
+pub fn save_abuse_section(section: &str) {
+    let write = || -> std::io::Result<()> {
+        let dir = results_dir();
+        std::fs::create_dir_all(&dir)?;
+        let _lock = Lock::take(dir.join(".lock"));
+        let out = workspace().join("bench").join("RELIABILITY.md");
+        let old = std::fs::read_to_string(&out).unwrap_or_default();
+        let faults = old.find(ABUSE_MARKER).map_or(old.as_str(), |at| &old[..at]);
+        let tmp = out.with_extension("md.tmp");
+        std::fs::write(
+            &tmp,
+            format!("{}\n\n{ABUSE_MARKER}\n{}\n", faults.trim_end(), section.trim_end()),
+        )?;
+        std::fs::rename(&tmp, &out)
+    };
+    if let Err(e) = write() {
+        eprintln!("[abuse] cannot write the reliability report: {e}");
+    }
 }
 
 fn render(rows: &[FaultRow]) -> String {
