@@ -30,7 +30,7 @@ fn config_check_reports_every_error_with_line_and_column() {
         "{report}"
     );
     assert!(
-        report.contains("bad.yaml:11:14: tenants[0].models[0]: unknown model `zz`"),
+        report.contains("bad.yaml:11:14: tenants[0].models[0]: unknown model or route `zz`"),
         "{report}"
     );
 
