@@ -350,7 +350,12 @@ pub fn focus_csv(report: &UsageReport, zone_of: impl Fn(&str) -> Tz) -> String {
             model,
             tenant.clone(),
             tenant,
-            text_cell(row.tags.as_deref().filter(|t| !t.is_empty()).unwrap_or("{}")),
+            text_cell(
+                row.tags
+                    .as_deref()
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or("{}"),
+            ),
             s.requests.to_string(),
             s.prompt_tokens.to_string(),
             s.cached_tokens.to_string(),
@@ -487,7 +492,10 @@ mod tests {
             .map(|h| row(&["2026-11-27", *h, *h], -5, Some(*h)))
             .collect();
         let report = UsageReport::new(by, rows);
-        for csv in [chargeback_csv(&report), focus_csv(&report, |_| chrono_tz::UTC)] {
+        for csv in [
+            chargeback_csv(&report),
+            focus_csv(&report, |_| chrono_tz::UTC),
+        ] {
             for line in csv.split("\r\n").skip(1).filter(|l| !l.is_empty()) {
                 for field in split_csv(line) {
                     let formula = field.starts_with(['=', '+', '@', '\t', '\r'])

@@ -15,6 +15,6 @@ mod proxy;
 mod reload;
 mod routing;
 mod sdk;
+mod security;
 mod tls;
 mod worst_case;
-mod security;

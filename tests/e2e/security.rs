@@ -82,7 +82,11 @@ async fn failed_admin_authentications_are_limited_before_the_audit_log() {
     let entries = store.audit_log(1000, None).await.unwrap();
     store.close().await;
     let anonymous: Vec<&AuditEntry> = entries.iter().filter(|e| e.actor == "anonymous").collect();
-    assert_eq!(anonymous.len(), 10, "only the first 10 failures are audited");
+    assert_eq!(
+        anonymous.len(),
+        10,
+        "only the first 10 failures are audited"
+    );
     assert!(anonymous.iter().all(|e| e.status == 401));
     assert!(entries.iter().all(|e| e.status != 429));
     assert!(entries
@@ -130,7 +134,10 @@ async fn the_audit_log_keeps_entries_for_its_retention_days() {
         )
     };
     set_config_line(&gw, "admin:", &admin(0));
-    let check = tollgate(&gw.config, &["config", "check", gw.config.to_str().unwrap()]);
+    let check = tollgate(
+        &gw.config,
+        &["config", "check", gw.config.to_str().unwrap()],
+    );
     assert_eq!(check.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&check.stderr).contains("admin.audit_retention_days"));
     set_config_line(&gw, "admin:", &admin(1));
@@ -143,7 +150,12 @@ async fn the_audit_log_keeps_entries_for_its_retention_days() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(left, BTreeSet::from(["/recent".to_string()]), "{}", gw.log());
+    assert_eq!(
+        left,
+        BTreeSet::from(["/recent".to_string()]),
+        "{}",
+        gw.log()
+    );
     assert!(gw
         .log()
         .contains("audit log entries past retention deleted"));
@@ -177,7 +189,12 @@ async fn made_up_model_names_are_one_group_in_reports() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["model"].as_str().unwrap(), r["requests"].as_i64().unwrap()))
+        .map(|r| {
+            (
+                r["model"].as_str().unwrap(),
+                r["requests"].as_i64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         groups.len(),
@@ -290,10 +307,7 @@ async fn a_tenant_key_reaches_only_its_own_tenant() {
     };
     let acme_cost: i64 = rows.iter().map(|r| r.cost_micros).sum();
     assert_eq!(acme_used, acme_cost);
-    assert_eq!(
-        bravo_used,
-        gw.ledger("bravo-corp", 1).await[0].cost_micros
-    );
+    assert_eq!(bravo_used, gw.ledger("bravo-corp", 1).await[0].cost_micros);
 
     // Admin API and dashboard data: A's key opens nothing.
     let (from, to) = range();
@@ -306,9 +320,15 @@ async fn a_tenant_key_reaches_only_its_own_tenant() {
         ("POST", format!("/admin/keys/{bravo_id}/rotate")),
         ("POST", format!("/admin/keys/{bravo_id}/revoke")),
         ("GET", "/admin/budgets?tenant=bravo-corp".to_string()),
-        ("GET", format!("/admin/usage?from={from}&to={to}&tenant=bravo-corp")),
+        (
+            "GET",
+            format!("/admin/usage?from={from}&to={to}&tenant=bravo-corp"),
+        ),
         ("GET", "/admin/routing".to_string()),
-        ("GET", format!("/admin/export/chargeback?from={from}&to={to}")),
+        (
+            "GET",
+            format!("/admin/export/chargeback?from={from}&to={to}"),
+        ),
         ("GET", "/admin/audit".to_string()),
     ] {
         let (status, _, body) = admin_call(&gw, method, &path, Some(acme.as_str())).await;
@@ -320,10 +340,17 @@ async fn a_tenant_key_reaches_only_its_own_tenant() {
         assert!(!body.contains("bravo"), "{method} {path}: {body}");
     }
     let (_, _, page) = admin_call(&gw, "GET", "/", Some(acme.as_str())).await;
-    assert!(!page.contains("bravo-corp"), "the dashboard page carries no data");
+    assert!(
+        !page.contains("bravo-corp"),
+        "the dashboard page carries no data"
+    );
     assert_eq!(models_status(&gw, &bravo).await, 200, "B's key untouched");
     let (_, keys) = gw.admin_get("/admin/keys?tenant=bravo-corp").await;
-    assert_eq!(keys["data"].as_array().unwrap().len(), 1, "no key made for B");
+    assert_eq!(
+        keys["data"].as_array().unwrap().len(),
+        1,
+        "no key made for B"
+    );
 
     // The operator's tenant filters never include another tenant's rows.
     let (_, usage) = gw
@@ -434,7 +461,11 @@ async fn errors_name_backends_but_never_addresses_or_provider_keys() {
         message.starts_with("Incorrect API key provided: [redacted]."),
         "{message}"
     );
-    for part in [PROVIDER_KEY, &PROVIDER_KEY[..8], &PROVIDER_KEY[PROVIDER_KEY.len() - 4..]] {
+    for part in [
+        PROVIDER_KEY,
+        &PROVIDER_KEY[..8],
+        &PROVIDER_KEY[PROVIDER_KEY.len() - 4..],
+    ] {
         assert!(!text.contains(part), "{part} in {text}");
     }
     assert!(!gw.log().contains(PROVIDER_KEY));
@@ -480,14 +511,20 @@ async fn no_secret_reaches_logs_or_tables() {
     let gw = Gateway::start(&yaml, None).await;
     let cli_key = gw.create_key("acme").await;
     let (status, made) = gw
-        .admin_post("/admin/keys", json!({"tenant": "bravo-corp", "name": "api"}))
+        .admin_post(
+            "/admin/keys",
+            json!({"tenant": "bravo-corp", "name": "api"}),
+        )
         .await;
     assert_eq!(status, 201);
     let api_key = made["secret"].as_str().unwrap().to_string();
     let api_id = made["key"]["id"].as_str().unwrap().to_string();
     assert_eq!(gw.chat(&api_key, &ask("gpt-test")).await.status(), 200);
     let (_, rotated) = gw
-        .admin_post(&format!("/admin/keys/{api_id}/rotate"), json!({"grace_seconds": 60}))
+        .admin_post(
+            &format!("/admin/keys/{api_id}/rotate"),
+            json!({"grace_seconds": 60}),
+        )
         .await;
     let rotated_key = rotated["secret"].as_str().unwrap().to_string();
     assert_eq!(gw.chat(&rotated_key, &ask("gpt-test")).await.status(), 200);
@@ -531,7 +568,10 @@ async fn no_secret_reaches_logs_or_tables() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let alerts = alerts.lock().unwrap().clone();
-    assert!(!alerts.is_empty(), "the budget alert was sent, signed with its secret");
+    assert!(
+        !alerts.is_empty(),
+        "the budget alert was sent, signed with its secret"
+    );
 
     let acme_rows = gw.ledger("acme", 5).await;
     let bravo_rows = gw.ledger("bravo-corp", 3).await;
@@ -554,7 +594,10 @@ async fn no_secret_reaches_logs_or_tables() {
         fake_key.as_str(),
         wrong_token,
     ] {
-        assert!(registered.iter().any(|s| s == secret), "unregistered secret");
+        assert!(
+            registered.iter().any(|s| s == secret),
+            "unregistered secret"
+        );
     }
     secrets::assert_no_secret("the ledger", &format!("{acme_rows:?}{bravo_rows:?}"));
     secrets::assert_no_secret("the audit log", &format!("{audit:?}"));

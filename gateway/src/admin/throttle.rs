@@ -122,7 +122,10 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(failures.fail(a), Verdict::Audit);
         }
-        assert!(matches!(failures.fail(a), Verdict::Refuse { retry_after: 1 }));
+        assert!(matches!(
+            failures.fail(a),
+            Verdict::Refuse { retry_after: 1 }
+        ));
         assert_eq!(failures.fail(b), Verdict::Audit, "per source");
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(failures.fail(a), Verdict::Audit, "a new window");

@@ -70,8 +70,8 @@ pub fn redact<'a>(text: &'a str, key: Option<&str>) -> Cow<'a, str> {
         // A sentence's full stop is not part of the word.
         let word = word.trim_end_matches('.');
         let end = start + word.len();
-        let secret = !word.is_empty()
-            && (after_scheme || looks_like_a_key(word) || is_part_of(word, key));
+        let secret =
+            !word.is_empty() && (after_scheme || looks_like_a_key(word) || is_part_of(word, key));
         after_scheme = (word.eq_ignore_ascii_case("bearer") || word.eq_ignore_ascii_case("basic"))
             && whole[end..].starts_with(|c: char| c.is_whitespace());
         if secret {
@@ -147,7 +147,14 @@ mod tests {
         for case in cases {
             let clean = redact(&case, Some(KEY));
             assert!(clean.contains(REDACTED), "{case} -> {clean}");
-            for secret in [KEY, "5a6e", "sk-live", "abc123zzz", "dXNlcjpwYXNz", "xyzxyz"] {
+            for secret in [
+                KEY,
+                "5a6e",
+                "sk-live",
+                "abc123zzz",
+                "dXNlcjpwYXNz",
+                "xyzxyz",
+            ] {
                 assert!(!clean.contains(secret), "{case} -> {clean}");
             }
         }
@@ -163,7 +170,10 @@ mod tests {
             "You can find your API key at https://platform.openai.com/account/api-keys.",
             "task-force sketch ask-me",
         ] {
-            assert!(matches!(redact(text, Some(KEY)), Cow::Borrowed(_)), "{text}");
+            assert!(
+                matches!(redact(text, Some(KEY)), Cow::Borrowed(_)),
+                "{text}"
+            );
         }
     }
 

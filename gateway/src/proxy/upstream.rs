@@ -48,8 +48,7 @@ impl AttemptError {
         AttemptError {
             failure,
             backend: backend.name.clone(),
-            detail: super::redact::redact(&detail.to_string(), backend.bearer())
-                .into_owned(),
+            detail: super::redact::redact(&detail.to_string(), backend.bearer()).into_owned(),
         }
     }
 
@@ -83,7 +82,11 @@ impl AttemptError {
 
 impl std::fmt::Display for AttemptError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "backend `{}`: {:?}: {}", self.backend, self.failure, self.detail)
+        write!(
+            f,
+            "backend `{}`: {:?}: {}",
+            self.backend, self.failure, self.detail
+        )
     }
 }
 

@@ -154,7 +154,12 @@ async fn handle(
     }
     if b.echo_key.load(Ordering::SeqCst) {
         let masked = if key.len() > 12 {
-            format!("{}{}{}", &key[..8], "*".repeat(key.len() - 12), &key[key.len() - 4..])
+            format!(
+                "{}{}{}",
+                &key[..8],
+                "*".repeat(key.len() - 12),
+                &key[key.len() - 4..]
+            )
         } else {
             key.clone()
         };

@@ -63,6 +63,12 @@ fn the_check_catches_a_planted_secret() {
     let caught = std::panic::catch_unwind(|| assert_no_secret("a planted log", &log));
     let message = *caught.unwrap_err().downcast::<String>().unwrap();
     assert!(message.contains("a planted log"), "{message}");
-    assert!(!message.contains(&planted), "the failure does not repeat the secret");
-    assert_no_secret("a clean log", "2026-01-01 INFO request from key key_123 done\n");
+    assert!(
+        !message.contains(&planted),
+        "the failure does not repeat the secret"
+    );
+    assert_no_secret(
+        "a clean log",
+        "2026-01-01 INFO request from key key_123 done\n",
+    );
 }
