@@ -128,9 +128,7 @@ async fn carry_local_backends(old: &Policy, new: &Policy) -> anyhow::Result<()> 
         let local = backend.local.as_ref().expect("filtered");
         let same = old.backends.iter().find(|o| same_runtime(o, backend));
         let running = same.and_then(|o| o.local.as_ref());
-        if let Some((addr, secret)) =
-            running.and_then(|l| Some((l.addr.get()?, l.secret.get()?)))
-        {
+        if let Some((addr, secret)) = running.and_then(|l| Some((l.addr.get()?, l.secret.get()?))) {
             let _ = local.addr.set(*addr);
             let _ = local.secret.set(secret.clone());
             continue;

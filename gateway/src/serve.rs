@@ -104,7 +104,11 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
         }
     }
     server.add_service(service);
-    let scheme = if policy.tls.is_some() { "https" } else { "http" };
+    let scheme = if policy.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let addresses: Vec<String> = policy
         .listen
         .iter()
@@ -227,7 +231,9 @@ fn start_local_backends(policy: &Policy) -> anyhow::Result<()> {
 /// Starts a local backend's runtime and records where it listens and the token it requires:
 /// the operator's (`token_env`) or a random one that only this process knows, so nothing but
 /// this gateway (which meters and bills) can use it.
-pub(crate) fn start_local(backend: &crate::config::Backend) -> anyhow::Result<std::net::SocketAddr> {
+pub(crate) fn start_local(
+    backend: &crate::config::Backend,
+) -> anyhow::Result<std::net::SocketAddr> {
     let local = backend.local.as_ref().expect("a local backend");
     let token = match &local.token {
         Some(token) => token.clone(),
@@ -239,8 +245,9 @@ pub(crate) fn start_local(backend: &crate::config::Backend) -> anyhow::Result<st
             tollgate_runtime::Token::random()
         }
     };
-    let addr = tollgate_runtime::spawn_background(local.options.clone(), local.listen, token.clone())
-        .map_err(|e| anyhow::anyhow!("backend `{}`: {e:#}", backend.name))?;
+    let addr =
+        tollgate_runtime::spawn_background(local.options.clone(), local.listen, token.clone())
+            .map_err(|e| anyhow::anyhow!("backend `{}`: {e:#}", backend.name))?;
     let _ = local.secret.set(token);
     let _ = local.addr.set(addr);
     Ok(addr)

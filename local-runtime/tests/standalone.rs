@@ -28,7 +28,13 @@ fn status(port: u16, path: &str, bearer: Option<&str>) -> Option<u16> {
 #[test]
 fn off_loopback_without_a_token_is_refused_before_anything_loads() {
     let out = Command::new(BIN)
-        .args(["serve", "--model", "/nonexistent/m.gguf", "--listen", "0.0.0.0:0"])
+        .args([
+            "serve",
+            "--model",
+            "/nonexistent/m.gguf",
+            "--listen",
+            "0.0.0.0:0",
+        ])
         .env_remove("TOLLGATE_RUNTIME_TOKEN")
         .output()
         .unwrap();

@@ -127,14 +127,21 @@ async fn only_the_gateway_can_use_its_local_runtime() {
         "max_tokens": 4,
     });
     let r = gw.chat(&key, &body).await;
-    assert_eq!(r.status(), 200, "the gateway holds the runtime's secret: {}", gw.log());
+    assert_eq!(
+        r.status(),
+        200,
+        "the gateway holds the runtime's secret: {}",
+        gw.log()
+    );
 
     // Any other local process: no token, a tenant key, a wrong token. All refused, OpenAI-shaped.
     let direct = reqwest::Client::new();
     for bearer in [None, Some(key.as_str()), Some("0000")] {
         for path in ["/v1/chat/completions", "/v1/models", "/metrics"] {
             let mut request = if path == "/v1/chat/completions" {
-                direct.post(format!("http://127.0.0.1:{port}{path}")).json(&body)
+                direct
+                    .post(format!("http://127.0.0.1:{port}{path}"))
+                    .json(&body)
             } else {
                 direct.get(format!("http://127.0.0.1:{port}{path}"))
             };

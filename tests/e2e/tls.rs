@@ -33,7 +33,8 @@ async fn both_listeners_serve_https_only() {
     assert!(gw.url().starts_with("https://"));
     let key_secret = gw.create_key("acme").await;
     let https = trusting(&cert);
-    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "Say hello."}]});
+    let body =
+        json!({"model": "gpt-test", "messages": [{"role": "user", "content": "Say hello."}]});
 
     let r = https
         .post(format!("{}/v1/chat/completions", gw.url()))
@@ -62,12 +63,19 @@ async fn both_listeners_serve_https_only() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     let sse = r.text().await.unwrap();
-    let data: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let data: Vec<&str> = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
     assert_eq!(data.last(), Some(&"[DONE]"), "{sse}");
     let text: String = data
         .iter()
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(String::from))
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
         .collect();
     assert_eq!(text, mock.words(5).concat());
 
@@ -185,7 +193,10 @@ async fn a_bad_certificate_stops_serve_with_the_field_in_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tls.key:"), "{err}");
-    assert!(err.contains("admin.tls.cert:") && err.contains("missing.pem"), "{err}");
+    assert!(
+        err.contains("admin.tls.cert:") && err.contains("missing.pem"),
+        "{err}"
+    );
     // The key's contents never appear in an error.
     let key_body = other_key.lines().nth(1).unwrap();
     assert!(!err.contains(key_body), "{err}");

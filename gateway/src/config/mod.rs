@@ -489,10 +489,7 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
     if listen.is_empty() {
         errors.add("listen", "at least one listen address is required");
     }
-    let tls = file
-        .tls
-        .as_ref()
-        .and_then(|t| load_tls(t, "tls", errors));
+    let tls = file.tls.as_ref().and_then(|t| load_tls(t, "tls", errors));
     let mut admin_listen = None;
     let mut admin_tls = None;
     if file.admin.enabled {

@@ -316,12 +316,18 @@ fn tls_files_are_read_at_load_and_their_changes_reported() {
         )
     };
     let policy = Policy::from_yaml(&with((&cert, &key), (&cert, &key))).expect("valid");
-    assert_eq!(policy.tls.as_ref().unwrap().cert.display().to_string(), cert);
+    assert_eq!(
+        policy.tls.as_ref().unwrap().cert.display().to_string(),
+        cert
+    );
     assert!(policy.admin_tls.is_some());
     assert!(Policy::from_yaml(VALID).unwrap().tls.is_none());
 
-    let errors = Policy::from_yaml(&with((&cert, "/nonexistent.key"), ("/nonexistent.crt", &key)))
-        .unwrap_err();
+    let errors = Policy::from_yaml(&with(
+        (&cert, "/nonexistent.key"),
+        ("/nonexistent.crt", &key),
+    ))
+    .unwrap_err();
     let at = |path: &str| errors.iter().find(|e| e.path == path);
     let tls_line = VALID.lines().count() + 1;
     assert!(
@@ -341,7 +347,9 @@ fn tls_files_are_read_at_load_and_their_changes_reported() {
         "{changes:?}"
     );
     let off = diff(&old, &Policy::from_yaml(VALID).unwrap());
-    assert!(off.iter().any(|c| c.subject == "admin.tls" && c.change.ends_with("-> off")));
+    assert!(off
+        .iter()
+        .any(|c| c.subject == "admin.tls" && c.change.ends_with("-> off")));
 }
 
 #[test]
@@ -379,7 +387,13 @@ fn a_local_runtime_listens_off_loopback_only_with_a_token() {
     let backend = &policy.backends[0];
     assert_eq!(backend.bearer(), None, "no runtime started yet");
     let secret = tollgate_runtime::Token::random();
-    backend.local.as_ref().unwrap().secret.set(secret.clone()).unwrap();
+    backend
+        .local
+        .as_ref()
+        .unwrap()
+        .secret
+        .set(secret.clone())
+        .unwrap();
     assert_eq!(backend.bearer(), Some(secret.expose()));
     // `token_env` belongs to local backends only.
     let errors = Policy::from_yaml(&VALID.replace(
@@ -387,5 +401,8 @@ fn a_local_runtime_listens_off_loopback_only_with_a_token() {
         "api_key_env: TOLLGATE_TEST_UNSET_VARIABLE\n    token_env: X",
     ))
     .unwrap_err();
-    assert!(errors.iter().any(|e| e.path == "backends[0].token_env"), "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.path == "backends[0].token_env"),
+        "{errors:?}"
+    );
 }

@@ -87,7 +87,8 @@ impl Gateway {
         let config = dir.path().join("tollgate.yaml");
         let tls_yaml = match tls {
             Some((cert, key)) => {
-                let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+                let (cert_path, key_path) =
+                    (dir.path().join("cert.pem"), dir.path().join("key.pem"));
                 std::fs::write(&cert_path, cert).unwrap();
                 std::fs::write(&key_path, key).unwrap();
                 format!(
@@ -198,7 +199,8 @@ impl Gateway {
 
     /// GETs an admin API path with the admin token; returns status and JSON body.
     pub async fn admin_get(&self, path: &str) -> (u16, serde_json::Value) {
-        let r = self.client()
+        let r = self
+            .client()
             .get(format!("{}{path}", self.admin_url()))
             .bearer_auth(ADMIN_TOKEN)
             .send()
@@ -214,7 +216,8 @@ impl Gateway {
         path: &str,
         body: serde_json::Value,
     ) -> (u16, serde_json::Value) {
-        let r = self.client()
+        let r = self
+            .client()
             .post(format!("{}{path}", self.admin_url()))
             .bearer_auth(ADMIN_TOKEN)
             .json(&body)
