@@ -613,3 +613,299 @@ async fn limit_headers_retry_after_and_unpriced_models() {
     assert_eq!(error["error"]["code"], "rate_limit_exceeded");
     assert_eq!(error["error"]["type"], "requests");
 }
+
+/// Replaces `from` by `to` in a gateway's policy file, atomically (the watcher reloads it).
+fn rewrite_policy(gw: &Gateway, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    assert!(text.contains(from), "{from:?} not in the policy");
+    let tmp = gw.config.with_extension("new");
+    std::fs::write(&tmp, text.replace(from, to)).unwrap();
+    std::fs::rename(&tmp, &gw.config).unwrap();
+}
+
+async fn wait_for_log(gw: &Gateway, needle: &str) {
+    for _ in 0..400 {
+        if gw.log().contains(needle) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no {needle:?} in the log:\n{}", gw.log());
+}
+
+/// Sends `body` until it is served (a cold Redis refuses fail_closed tenants until rebuilt).
+async fn served(gw: &Gateway, key: &str, body: &Value) {
+    for _ in 0..200 {
+        match gw.chat(key, body).await.status().as_u16() {
+            200 => return,
+            503 => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    panic!("never served");
+}
+
+#[tokio::test]
+async fn a_budget_added_by_a_reload_starts_from_the_ledgers_spend() {
+    // In-process counters on SQLite, then Redis on Postgres.
+    for shared in [false, true] {
+        let mock = MockUpstream::start("m").await;
+        let tenant = unique("added");
+        let head = if shared {
+            shared_counters()
+        } else {
+            String::new()
+        };
+        let yaml = policy(
+            &mock,
+            &head,
+            (1.0, 1.0),
+            &format!("  - name: {tenant}\n    rpm: 1000\n"),
+        );
+        let pg = if shared {
+            Some(fresh_postgres().await)
+        } else {
+            None
+        };
+        let gw = Gateway::start(&yaml, pg.as_ref().map(|(url, _)| url.clone())).await;
+        let key = gw.create_key(&tenant).await;
+        for _ in 0..3 {
+            served(&gw, &key, &spend_request(200, 300)).await;
+        }
+        let spent: i64 = gw
+            .ledger(&tenant, 3)
+            .await
+            .iter()
+            .map(|r| r.cost_micros)
+            .sum();
+        assert!(spent > 1_000, "{spent}");
+
+        // A daily $0.001 budget appears: today's spend already exceeds it.
+        rewrite_policy(
+            &gw,
+            "    rpm: 1000\n",
+            "    rpm: 1000\n    budgets: [{ limit_usd: 0.001, period: daily }]\n",
+        );
+        wait_for_log(&gw, "policy reloaded").await;
+        assert!(
+            gw.log()
+                .contains("counter added by the policy seeded from the ledger"),
+            "{}",
+            gw.log()
+        );
+        let r = gw.chat(&key, &spend_request(10, 10)).await;
+        assert_eq!(r.status(), 429, "shared: {shared}");
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["error"]["code"],
+            "budget_exceeded"
+        );
+        if let Some((_, name)) = pg {
+            drop_postgres(&name).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_model_budget_rebuilt_from_the_ledger_counts_routed_requests_under_the_served_model() {
+    let mock = MockUpstream::start("m").await;
+    let tenant = unique("routed");
+    let yaml = format!(
+        "backends:\n  - {{ name: mock, base_url: \"{}\" }}\nmodels:\n  - name: small\n    price: {{ input: 1.0, output: 1.0 }}\n    targets: [{{ backend: mock, model: up }}]\n  - name: large\n    price: {{ input: 1.0, output: 1.0 }}\n    targets: [{{ backend: mock, model: up }}]\nroutes:\n  - {{ name: auto, cheap: small, premium: large, threshold: 1.0 }}\ntenants:\n  - name: {tenant}\n    budgets: [{{ limit_usd: 0.002, period: daily, model: small }}]\n",
+        mock.base_url()
+    );
+    let mut gw = Gateway::start(&yaml, None).await;
+    let key = gw.create_key(&tenant).await;
+    let routed = |words: usize, max_tokens: u64| json!({"model": "auto", "max_tokens": max_tokens, "messages": [{"role": "user", "content": " hello".repeat(words)}]});
+    for _ in 0..3 {
+        assert_eq!(gw.chat(&key, &routed(200, 300)).await.status(), 200);
+    }
+    let rows = gw.ledger(&tenant, 3).await;
+    assert!(rows
+        .iter()
+        .all(|r| r.model == "auto" && r.routing.as_ref().unwrap().routed_model == "small"));
+    // The restart rebuilds this replica's counters from the ledger: ~1,520 of 2,000 spent on
+    // `small`, so a ~507 worst case no longer fits.
+    gw.restart().await;
+    let r = gw.chat(&key, &routed(200, 300)).await;
+    assert_eq!(r.status(), 429);
+    let r = gw.chat(&key, &routed(100, 100)).await;
+    assert_eq!(r.status(), 200, "a request that fits still passes");
+}
+
+/// Reads a stream's events until it ends; `after_first` runs once the first event arrived.
+async fn stream_events(response: reqwest::Response, after_first: impl FnOnce()) -> Vec<String> {
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    let mut after_first = Some(after_first);
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        if let Some(f) = after_first.take_if(|_| text.contains("\n\n")) {
+            f();
+        }
+    }
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_redis_outage_mid_stream_cuts_fail_closed_streams_and_extends_fail_open_ones() {
+    use crate::harness::stores::RedisServer;
+    let mut redis = RedisServer::start().await;
+    let mock = MockUpstream::start("storyteller").await;
+    mock.behaviour.stream_chunks.store(600, Ordering::SeqCst);
+    mock.behaviour.chunk_delay_ms.store(5, Ordering::SeqCst);
+    let closed = unique("closed");
+    let open = unique("open");
+    // Reservations start at the prompt plus 20 output tokens: the streams outgrow them.
+    let tenants = format!(
+        "  - name: {closed}\n    default_output_tokens: 20\n    budgets: [{{ limit_usd: 1, period: total }}]\n\
+         \x20 - name: {open}\n    default_output_tokens: 20\n    on_redis_down: fail_open\n    budgets: [{{ limit_usd: 1, period: total }}]\n"
+    );
+    let head = format!("redis_url: {}\nredis_timeout_ms: 200\n", redis.url());
+    let gw = Gateway::start(&policy(&mock, &head, (1.0, 1.0), &tenants), None).await;
+    let (closed_key, open_key) = (gw.create_key(&closed).await, gw.create_key(&open).await);
+    let small =
+        json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+    served(&gw, &closed_key, &small).await;
+    served(&gw, &open_key, &small).await;
+
+    let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "Tell me a long story."}]});
+    let (closed_response, open_response) =
+        tokio::join!(gw.chat(&closed_key, &body), gw.chat(&open_key, &body));
+    assert_eq!(closed_response.status(), 200);
+    assert_eq!(open_response.status(), 200);
+    // Redis goes away once both streams have started.
+    let redis_cell = std::sync::Mutex::new(Some(&mut redis));
+    let kill = || {
+        if let Some(redis) = redis_cell.lock().unwrap().take() {
+            redis.kill();
+        }
+    };
+    let closed_events = stream_events(closed_response, &kill).await;
+    let open_events = stream_events(open_response, &kill).await;
+
+    // fail_closed: cut with the outage's own error, billed for what was delivered.
+    assert_eq!(closed_events.last().unwrap(), "data: [DONE]");
+    let error: Value = serde_json::from_str(
+        closed_events[closed_events.len() - 2]
+            .strip_prefix("data: ")
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(error["error"]["code"], "limits_unavailable", "{error}");
+    // fail_open: extended on this replica's counters, served to the end.
+    assert_eq!(open_events.last().unwrap(), "data: [DONE]");
+    assert!(
+        !open_events.iter().any(|e| e.contains("\"error\"")),
+        "{open_events:?}"
+    );
+    let delivered = |events: &[String]| -> String {
+        events
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(e.strip_prefix("data: ")?).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect()
+    };
+    let closed_rows = gw.ledger(&closed, 2).await;
+    let cut = closed_rows.iter().find(|r| r.stream).unwrap();
+    assert_eq!(cut.outcome, "limits_cut");
+    let closed_text = delivered(&closed_events);
+    assert!(closed_text.len() < mock.words(600).concat().len());
+    assert_eq!(
+        cut.completion_tokens,
+        tiktoken_rs::o200k_base_singleton()
+            .encode_ordinary(&closed_text)
+            .len() as i64,
+        "billed exactly what was delivered"
+    );
+    let open_rows = gw.ledger(&open, 2).await;
+    let full = open_rows.iter().find(|r| r.stream).unwrap();
+    assert_eq!(full.outcome, "ok");
+    assert_eq!(delivered(&open_events), mock.words(600).concat());
+}
+
+#[tokio::test]
+async fn a_settle_redis_never_took_is_kept_and_replayed_after_a_restart() {
+    use crate::harness::stores::RedisServer;
+    let redis = RedisServer::start().await;
+    let mock = MockUpstream::start("m").await;
+    let tenant = unique("abandoned");
+    let head = format!("redis_url: {}\nredis_timeout_ms: 200\n", redis.url());
+    let yaml = policy(
+        &mock,
+        &head,
+        (1.0, 1.0),
+        &format!("  - name: {tenant}\n    budgets: [{{ limit_usd: 1, period: monthly }}]\n"),
+    );
+    let mut gw = Gateway::start(&yaml, None).await;
+    // Settles give up after a second instead of six minutes.
+    gw.env
+        .push(("TOLLGATE_SETTLE_RETRY_MS".into(), "1000".into()));
+    gw.restart().await;
+    let key = gw.create_key(&tenant).await;
+    served(&gw, &key, &spend_request(50, 50)).await;
+
+    // Redis stops answering while a request is at the provider: its settle cannot land.
+    mock.behaviour.header_delay_ms.store(1500, Ordering::SeqCst);
+    let before = mock.received().len();
+    let request = {
+        let (url, key) = (format!("{}/v1/chat/completions", gw.url()), key.clone());
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(key)
+                .json(&spend_request(100, 100))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    while mock.received().len() == before {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    redis.freeze();
+    assert_eq!(request.await.unwrap(), 200);
+    mock.behaviour.header_delay_ms.store(0, Ordering::SeqCst);
+    wait_for_log(&gw, "settle abandoned; kept on disk").await;
+    let kept = gw
+        .dir
+        .path()
+        .join("tollgate-journal")
+        .join("abandoned-settles.jsonl");
+    assert_eq!(std::fs::read_to_string(&kept).unwrap().lines().count(), 1);
+
+    // The gateway restarts while Redis is still away, then Redis answers again (its counters
+    // intact, so nothing is rebuilt): the kept settle lands.
+    gw.stop();
+    redis.thaw();
+    gw.restart().await;
+    let spent: i64 = gw
+        .ledger(&tenant, 2)
+        .await
+        .iter()
+        .map(|r| r.cost_micros)
+        .sum();
+    let counter = format!("tg:{{{tenant}}}:b:usd.monthly.k=*.m=*:{}", month());
+    let counters = RedisCounters::new(&redis.url(), Duration::from_secs(2)).unwrap();
+    let mut state = (0, 0);
+    for _ in 0..200 {
+        state = counters.read(&counter).await.unwrap();
+        if state == (spent, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        state,
+        (spent, 0),
+        "counter (counted, held) against the ledger"
+    );
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "");
+}

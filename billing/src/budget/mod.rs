@@ -110,7 +110,7 @@ impl Added {
             && facts.created_ms < self.window_end_ms
             && self.key.as_ref().is_none_or(|k| *k == facts.key)
             && self.model.as_ref().is_none_or(|m| *m == facts.model);
-        in_scope.then(|| match self.measure {
+        in_scope.then_some(match self.measure {
             Measure::Micros => facts.cost,
             Measure::Tokens => facts.tokens,
             Measure::Requests => 1,

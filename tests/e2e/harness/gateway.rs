@@ -41,6 +41,8 @@ pub struct Gateway {
     pub database_url: String,
     /// With TLS on both listeners: the certificate (PEM) every harness request trusts.
     pub cert_pem: Option<String>,
+    /// Extra environment of the gateway process (set before a restart).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -119,6 +121,7 @@ impl Gateway {
             admin_port,
             database_url,
             cert_pem: tls.map(|(cert, _)| cert.to_string()),
+            env: Vec::new(),
             child: None,
         };
         gateway.spawn().await;
@@ -140,6 +143,7 @@ impl Gateway {
             .env("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
             .env("TOLLGATE_TEST_ALERT_SECRET", ALERT_SECRET)
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()

@@ -215,6 +215,27 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP: the server keeps its data but answers nothing (connections hang) until
+    /// [`RedisServer::thaw`].
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`RedisServer::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal}");
+    }
+
     /// PING over a raw socket.
     pub async fn ping(&self) -> bool {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
