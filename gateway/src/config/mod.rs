@@ -112,8 +112,7 @@ pub struct Policy {
     pub warnings: Vec<String>,
 }
 
-/// An OpenAI-compatible upstream.
-#[derive(Debug)]
+/// An OpenAI-compatible upstream. Its `Debug` never shows the key.
 pub struct Backend {
     pub name: String,
     pub tls: bool,
@@ -225,14 +224,45 @@ pub struct Tenant {
     pub tags_json: Option<Arc<str>>,
 }
 
-/// Where and when budget alerts go.
-#[derive(Debug)]
+/// Where and when budget alerts go. Its `Debug` shows neither the signing secret nor the
+/// webhook URL (hook URLs often carry a token of their own).
 pub struct Alerts {
     pub webhook_url: String,
     /// HMAC-SHA256 key; alerts are not sent without it (they must be verifiable).
     pub secret: Option<Vec<u8>>,
     /// Sorted, distinct percentages.
     pub thresholds: Vec<u32>,
+}
+
+/// What a `Debug` print shows instead of a secret that is set.
+fn hidden<T>(secret: &Option<T>) -> Option<&'static str> {
+    secret.as_ref().map(|_| "[redacted]")
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name)
+            .field("tls", &self.tls)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("base_path", &self.base_path)
+            .field("api_key", &hidden(&self.api_key))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Alerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Alerts")
+            .field("webhook_url", &"[redacted]")
+            .field("secret", &hidden(&self.secret))
+            .field("thresholds", &self.thresholds)
+            .finish()
+    }
 }
 
 impl Tenant {

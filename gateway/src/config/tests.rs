@@ -406,3 +406,28 @@ fn a_local_runtime_listens_off_loopback_only_with_a_token() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn debug_prints_never_show_provider_keys_or_alert_secrets() {
+    let key = "sk-debug-print-provider-key-0123";
+    let secret = "whsec-debug-print-alert-secret";
+    std::env::set_var("TOLLGATE_TEST_DEBUG_PRINT_KEY", key);
+    std::env::set_var("TOLLGATE_TEST_DEBUG_PRINT_SECRET", secret);
+    let text = format!(
+        "{VALID}    alerts: {{ webhook_url: \"https://hooks.example.com/T0/B0/hooktoken\", secret_env: TOLLGATE_TEST_DEBUG_PRINT_SECRET }}\n"
+    )
+    .replace(
+        "api_key_env: TOLLGATE_TEST_UNSET_VARIABLE",
+        "api_key_env: TOLLGATE_TEST_DEBUG_PRINT_KEY",
+    );
+    let policy = Policy::from_yaml(&text).expect("valid");
+    assert_eq!(policy.backends[0].api_key.as_deref(), Some(key));
+    let printed = format!("{policy:?}");
+    assert!(
+        printed.contains("primary") && printed.contains("[redacted]"),
+        "{printed}"
+    );
+    for hidden in [key, secret, "hooktoken"] {
+        assert!(!printed.contains(hidden), "{hidden} in {printed}");
+    }
+}
