@@ -162,7 +162,7 @@ async fn a_reload_serves_a_renewed_certificate_without_a_restart() {
     assert_ne!(text, without_tls);
     std::fs::write(&gw.config, without_tls).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !gw.log().contains("needs a restart") {
+    while !gw.log().contains("turning TLS on or off needs a restart") {
         assert!(Instant::now() < deadline, "{}", gw.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
