@@ -1001,7 +1001,8 @@ impl Limits {
             match sent {
                 Ok(r) if r.status().is_success() => return,
                 Ok(r) => tracing::warn!(status = %r.status(), "budget alert webhook refused"),
-                Err(e) => tracing::warn!("budget alert webhook failed: {e}"),
+                // Without the URL: a hook URL is often itself a credential (Slack and the like).
+                Err(e) => tracing::warn!("budget alert webhook failed: {}", e.without_url()),
             }
             tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(attempt))).await;
         }
