@@ -94,6 +94,12 @@ impl Answer {
                 )
             }
             Some(_) => format!("{}", self.status),
+            None if self
+                .header("content-type")
+                .is_some_and(|t| t.starts_with("text/event-stream")) =>
+            {
+                format!("{}, event stream", self.status)
+            }
             None if self.body.is_empty() => format!("{}, empty body", self.status),
             None => format!("{}, non-JSON body", self.status),
         }

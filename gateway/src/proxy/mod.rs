@@ -946,6 +946,8 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiErro
                 }
             }
             Ok(None) => break,
+            // A body already known to be too large is refused as such, however it ends.
+            Err(_) if too_large => break,
             Err(_) => return Err(ApiError::bad_request("The request body could not be read.")),
         }
     }

@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
     let choices = request.choices();
     assert!((1..=128).contains(&choices), "n = {choices}");
     let inject = (endpoint != Endpoint::Embeddings).then_some(16);
-    let upstream = request.upstream_body("upstream-model", inject);
+    let upstream = request.upstream_body("upstream-model", inject, "max_tokens");
     let sent: Value = serde_json::from_slice(&upstream).expect("the upstream body is JSON");
     assert_eq!(sent["model"], "upstream-model");
     assert_eq!(sent["stream"].as_bool().unwrap_or(false), request.stream);
