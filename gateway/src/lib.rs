@@ -1,6 +1,7 @@
 //! The gateway as a library. The `tollgate` binary (`main.rs`) is [`cli::run`]; the fuzz targets
 //! (`tests/fuzz/`) reach the parsers of untrusted input through [`proxy`] and [`config`].
 
+mod abandoned;
 mod admin;
 pub mod cli;
 pub mod config;

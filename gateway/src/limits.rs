@@ -13,6 +13,8 @@ use tollgate_billing::budget::{
     amount, window, Added, Charge, CounterSeed, Counters, Facts, LocalCounters, Measure, Period,
     RedisCounters, Seed, Window,
 };
+
+use crate::abandoned::{Abandoned, AbandonedSettles};
 use tollgate_billing::price::{Price, Usage};
 use tollgate_billing::report::usd;
 use tollgate_billing::store::Store;
@@ -32,7 +34,7 @@ struct Planned {
     rate: bool,
     /// A rate limit's counter key without its minute: an extension charges the minute its
     /// tokens are produced in, which may be a later one than the request's start.
-    minute_prefix: Option<String>,
+    minute_definition: Option<String>,
     /// Human description, e.g. "monthly USD budget".
     label: String,
 }
@@ -105,7 +107,8 @@ impl Admission {
         }
     }
 
-    /// What counters added by a reload need to know of this request.
+    /// What the request used, as counters count it (and what counters added by a reload while
+    /// it ran need to know of it).
     fn facts(&self, usage: Usage) -> Facts {
         Facts {
             created_ms: self.admitted_ms,
@@ -140,17 +143,11 @@ impl Admission {
     /// extensions held other counters splits its real amount over them in the order they were
     /// reserved, each taking at most what it held and the last the rest, so every hold is
     /// released and the tokens land in the minute that held them.
-    fn settle_charges(&self, usage: Usage) -> Vec<Charge> {
-        let tokens = amount(usage.prompt.saturating_add(usage.completion));
-        let cost = amount(self.price.cost_micros(usage));
+    fn settle_charges(&self, facts: &Facts) -> Vec<Charge> {
         let mut charges = Vec::with_capacity(self.planned.len() + self.extra.len());
         let mut extra = Vec::with_capacity(self.extra.len());
         for (index, p) in self.planned.iter().enumerate() {
-            let mut left = match p.measure {
-                Measure::Micros => cost,
-                Measure::Tokens => tokens,
-                Measure::Requests => 1,
-            };
+            let mut left = p.measure.of(1, facts.tokens, facts.cost);
             let mut holds: Vec<&Charge> = self
                 .extra
                 .iter()
@@ -233,6 +230,14 @@ impl Admission {
     }
 }
 
+/// A counter this replica is to seed ([`Limits::begin_seeds`]).
+struct PendingSeed<'a> {
+    counters: &'a dyn Counters,
+    tenant: &'a Tenant,
+    spec: SeedSpec,
+    cut: i64,
+}
+
 /// A budget in its current window: what was counted and what in-flight requests hold.
 pub struct BudgetState {
     pub window: Window,
@@ -252,43 +257,22 @@ pub struct Limits {
     settling: crate::shutdown::Tracker,
     /// This replica's ledger: a rebuild waits for the rows its journal still holds.
     ledger: std::sync::OnceLock<tollgate_billing::ledger::LedgerSender>,
-    /// How long a settle is retried before it is abandoned to [`ABANDONED_SETTLES`].
+    /// How long a settle is retried before it is abandoned to `abandoned`.
     settle_retry: Duration,
     /// Settles Redis never took, kept (next to the ledger journal) until it does.
-    abandoned: std::path::PathBuf,
-    /// Serialises the appends to `abandoned` and its rewrites by the replay.
-    abandoned_lock: tokio::sync::Mutex<()>,
+    abandoned: Arc<AbandonedSettles>,
+    /// One pass of [`Limits::seed_counters`] at a time in this process.
+    seeding: tokio::sync::Mutex<()>,
     /// Set at shutdown: settles still retrying stop and are kept on disk.
     stop_retrying: tokio::sync::watch::Sender<bool>,
 }
 
-/// The file, in the ledger's journal directory, where settles that Redis never took wait for it
-/// (one JSON [`Abandoned`] per line).
-pub const ABANDONED_SETTLES: &str = "abandoned-settles.jsonl";
 /// Overrides how long a settle is retried (milliseconds; tests shorten it).
 const SETTLE_RETRY_ENV: &str = "TOLLGATE_SETTLE_RETRY_MS";
 /// How long a settle is retried by default before it is kept on disk.
 const SETTLE_RETRY: Duration = Duration::from_secs(360);
-/// An abandoned settle older than this is dropped unapplied: Redis remembers settled request
-/// ids for 24 hours, past that a replay could count a settle that did land (its reply lost)
-/// twice.
-const ABANDONED_MAX_AGE_MS: i64 = 23 * 3_600_000;
-
-/// A settle that never reached Redis: replayed when it answers again (settle is idempotent per
-/// request id; the epoch leaves it out if a rebuild's ledger sum has it).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Abandoned {
-    tag: String,
-    request_id: String,
-    charges: Vec<Charge>,
-    ended_ms: i64,
-    facts: Facts,
-}
-
 /// Longest wait of a counter rebuild for this replica's journal to reach the database.
 const REBUILD_JOURNAL_WAIT: Duration = Duration::from_secs(30);
-/// Longest wait of a reload for another replica seeding a counter the policy added.
-const ADDED_SEED_WAIT: Duration = Duration::from_secs(30);
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -301,28 +285,64 @@ fn seconds_until(end_ms: i64, now: i64) -> i64 {
     ((end_ms - now).max(0) + 999) / 1000
 }
 
+/// A counter's key: its definition (the key without its window) and its window.
+fn counter_key(definition: &str, window: &Window) -> String {
+    format!("{definition}:{}", window.label)
+}
+
+/// A budget's counter key without its window.
+fn budget_definition(tag: &str, budget: &Budget) -> String {
+    format!("tg:{{{tag}}}:b:{}", budget.ident())
+}
+
 /// Key of a budget's counter for one window.
 fn budget_counter(tag: &str, budget: &Budget, window: &Window) -> String {
-    format!("tg:{{{tag}}}:b:{}:{}", budget.ident(), window.label)
+    counter_key(&budget_definition(tag, budget), window)
 }
 
-/// Key of a per-minute rate counter (`rpm` or `tpm`) of the tenant (`who` = `*`) or of a key.
-fn rate_counter(tag: &str, name: &str, who: &str, minute: &Window) -> String {
-    format!("{}:{}", rate_prefix(tag, name, who), minute.label)
-}
-
-/// A rate counter's key without its minute.
-fn rate_prefix(tag: &str, name: &str, who: &str) -> String {
+/// A per-minute rate counter's (`rpm` or `tpm`) key without its minute, of the tenant
+/// (`who` = `*`) or of a key.
+fn rate_definition(tag: &str, name: &str, who: &str) -> String {
     format!("tg:{{{tag}}}:{name}:{who}")
 }
 
+/// Key of a per-minute rate counter for one minute.
+#[cfg(test)]
+fn rate_counter(tag: &str, name: &str, who: &str, minute: &Window) -> String {
+    counter_key(&rate_definition(tag, name, who), minute)
+}
+
+/// What a budget's counter measures.
+fn measure(metric: Metric) -> Measure {
+    match metric {
+        Metric::Usd => Measure::Micros,
+        Metric::Tokens => Measure::Tokens,
+    }
+}
+
 /// A counter of the current windows and the slice of the ledger that rebuilds it.
+#[derive(Clone)]
 struct SeedSpec {
     counter: String,
+    definition: String,
     window: Window,
     key: Option<String>,
     model: Option<String>,
     measure: Measure,
+}
+
+impl SeedSpec {
+    fn scope(&self) -> Added {
+        Added {
+            counter: self.counter.clone(),
+            definition: self.definition.clone(),
+            window_start_ms: self.window.start_ms,
+            window_end_ms: self.window.end_ms,
+            key: self.key.clone(),
+            model: self.model.clone(),
+            measure: self.measure,
+        }
+    }
 }
 
 fn seed_specs(tenant: &Tenant, now_ms: i64) -> Vec<SeedSpec> {
@@ -330,17 +350,14 @@ fn seed_specs(tenant: &Tenant, now_ms: i64) -> Vec<SeedSpec> {
     let mut specs = Vec::new();
     for budget in &tenant.budgets {
         let window = window(budget.period, tenant.time_zone, now_ms);
-        let measure = match budget.metric {
-            Metric::Usd => Measure::Micros,
-            Metric::Tokens => Measure::Tokens,
-        };
-        let counter = budget_counter(tag, budget, &window);
+        let definition = budget_definition(tag, budget);
         specs.push(SeedSpec {
-            counter,
+            counter: counter_key(&definition, &window),
+            definition,
             window,
             key: budget.key.clone(),
             model: budget.model.clone(),
-            measure,
+            measure: measure(budget.metric),
         });
     }
     let minute = window(Period::Minute, tenant.time_zone, now_ms);
@@ -357,9 +374,10 @@ fn seed_specs(tenant: &Tenant, now_ms: i64) -> Vec<SeedSpec> {
             ("tpm", tpm, Measure::Tokens),
         ] {
             if limit.is_some() {
-                let counter = rate_counter(tag, name, who, &minute);
+                let definition = rate_definition(tag, name, who);
                 specs.push(SeedSpec {
-                    counter,
+                    counter: counter_key(&definition, &minute),
+                    definition,
                     window: minute.clone(),
                     key: key.clone(),
                     model: None,
@@ -391,22 +409,24 @@ fn plan(
             continue;
         }
         let w = window(budget.period, tenant.time_zone, now_ms);
-        let (measure, amount, unit) = match budget.metric {
-            Metric::Usd => (Measure::Micros, cost, "USD"),
-            Metric::Tokens => (Measure::Tokens, tokens, "token"),
+        let measure = measure(budget.metric);
+        let unit = if measure == Measure::Micros {
+            "USD"
+        } else {
+            "token"
         };
         let period = budget.period.name();
         planned.push(Planned {
             charge: Charge {
                 counter: budget_counter(tag, budget, &w),
                 limit: budget.limit,
-                amount,
+                amount: measure.of(1, tokens, cost),
                 hard: budget.hard,
                 window_end_ms: w.end_ms,
             },
             measure,
             rate: false,
-            minute_prefix: None,
+            minute_definition: None,
             label: format!("{period} {unit} budget"),
         });
     }
@@ -417,25 +437,26 @@ fn plan(
         ("key", key_id, key_limits.0, key_limits.1),
     ];
     for (scope, who, rpm, tpm) in rates {
-        let mut rate = |name: &str, limit: Option<i64>, amount: i64, measure: Measure| {
+        let mut rate = |name: &str, limit: Option<i64>, measure: Measure| {
             if let Some(limit) = limit {
+                let definition = rate_definition(tag, name, who);
                 planned.push(Planned {
                     charge: Charge {
-                        counter: rate_counter(tag, name, who, &minute),
+                        counter: counter_key(&definition, &minute),
                         limit,
-                        amount,
+                        amount: measure.of(1, tokens, cost),
                         hard: true,
                         window_end_ms: minute.end_ms,
                     },
                     measure,
                     rate: true,
-                    minute_prefix: Some(rate_prefix(tag, name, who)),
+                    minute_definition: Some(definition),
                     label: format!("{scope} {} limit", name.to_uppercase()),
                 });
             }
         };
-        rate("rpm", rpm, 1, Measure::Requests);
-        rate("tpm", tpm, tokens, Measure::Tokens);
+        rate("rpm", rpm, Measure::Requests);
+        rate("tpm", tpm, Measure::Tokens);
     }
     planned
 }
@@ -461,8 +482,11 @@ impl Limits {
                 .ok()
                 .and_then(|ms| ms.parse().ok())
                 .map_or(SETTLE_RETRY, Duration::from_millis),
-            abandoned: policy.ledger_journal_dir.join(ABANDONED_SETTLES),
-            abandoned_lock: tokio::sync::Mutex::new(()),
+            abandoned: Arc::new(AbandonedSettles::new(
+                policy.ledger_journal_dir.join(crate::abandoned::FILE),
+                crate::abandoned::MAX_BYTES,
+            )),
+            seeding: tokio::sync::Mutex::new(()),
             stop_retrying: tokio::sync::watch::Sender::new(false),
         })
     }
@@ -550,12 +574,13 @@ impl Limits {
         let Some(epoch) = counters.begin_seed(&tenant.name, now_ms()).await? else {
             return Ok(());
         };
-        self.await_ledger(&tenant.name, epoch, lag).await;
+        self.await_ledger(Some(&tenant.name), epoch, lag).await;
         let mut seeds = Vec::new();
         for spec in seed_specs(tenant, epoch) {
             let amount = self.ledger_sum(store, tenant, &spec, epoch).await?;
             seeds.push(Seed {
                 counter: spec.counter,
+                definition: spec.definition,
                 amount,
                 window_end_ms: spec.window.end_ms,
             });
@@ -566,8 +591,9 @@ impl Limits {
     }
 
     /// Waits until the ledger has every row of the requests that ended before `cut`: `lag` for
-    /// other replicas' rows, and this replica's journal for its own.
-    async fn await_ledger(&self, tenant: &str, cut: i64, lag: Duration) {
+    /// other replicas' rows, and this replica's journal for its own. `tenant`: the one waiting,
+    /// for the log (`None`: several).
+    async fn await_ledger(&self, tenant: Option<&str>, cut: i64, lag: Duration) {
         let wait = cut + lag.as_millis() as i64 - now_ms();
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
@@ -584,6 +610,7 @@ impl Limits {
             })
             .await;
             if !written {
+                let tenant = tenant.unwrap_or("(several)");
                 tracing::warn!(%tenant, "rebuilding counters while this replica's journal still holds rows the database has not taken; the counters may be low until the next rebuild");
             }
         }
@@ -607,108 +634,110 @@ impl Limits {
                 cut,
             )
             .await?;
-        Ok(match spec.measure {
-            Measure::Micros => cost,
-            Measure::Tokens => tokens,
-            Measure::Requests => requests,
-        })
+        Ok(spec.measure.of(requests, tokens, cost))
     }
 
-    /// Seeds from the ledger the counters that `new` adds to tenants that `old` already limited
-    /// (a new budget or rate limit, a changed key, model, period, metric or time zone), before
-    /// `new` is swapped in: each starts from the tenant's spend in its window so far, not from
-    /// zero. Tenants that had no limits are rebuilt whole ([`Limits::rebuild`]).
-    pub async fn seed_added(&self, old: &Policy, new: &Policy, store: &Store, lag: Duration) {
-        let now = now_ms();
-        let mut added = Vec::new();
-        for tenant in new.tenants.values().filter(|t| t.has_limits()) {
-            let Some(before) = old.tenants.get(&tenant.name).filter(|t| t.has_limits()) else {
-                continue;
-            };
-            let known: std::collections::HashSet<String> = seed_specs(before, now)
-                .into_iter()
-                .map(|spec| spec.counter)
-                .collect();
-            added.extend(
-                seed_specs(tenant, now)
-                    .into_iter()
-                    .filter(|spec| !known.contains(&spec.counter))
-                    .map(|spec| (tenant, spec)),
-            );
-        }
-        if added.is_empty() {
-            return;
-        }
-        let stores = [
+    /// Every counter store: this replica's, and Redis when configured.
+    fn stores(&self) -> impl Iterator<Item = &dyn Counters> {
+        [
             Some(&self.local as &dyn Counters),
             self.shared.as_ref().map(|r| r as &dyn Counters),
-        ];
-        // Every cut-off first, then one wait for the ledger, then the sums.
-        let deadline = tokio::time::Instant::now() + ADDED_SEED_WAIT;
-        let mut pending: Vec<(&dyn Counters, &Tenant, &SeedSpec)> = Vec::new();
-        for counters in stores.into_iter().flatten() {
-            pending.extend(added.iter().map(|(tenant, spec)| (counters, *tenant, spec)));
-        }
-        while !pending.is_empty() {
-            let mut mine = Vec::new();
-            let mut busy = Vec::new();
-            for (counters, tenant, spec) in pending {
-                let scope = Added {
-                    counter: spec.counter.clone(),
-                    window_start_ms: spec.window.start_ms,
-                    window_end_ms: spec.window.end_ms,
-                    key: spec.key.clone(),
-                    model: spec.model.clone(),
-                    measure: spec.measure,
-                };
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// Asks every store, for every current counter of every limited tenant of `policy`,
+    /// whether it needs a seed of its own ([`Counters::begin_counter_seed`]: a counter whose
+    /// window was current when its budget or rate limit appeared, by a reload here or a newer
+    /// policy on another replica), and returns those this replica is to seed. Quick (one store
+    /// call per counter): from its answer on, reservations on such a counter are refused until
+    /// it is seeded. A store that is unreachable is skipped (asked again on the next pass).
+    async fn begin_seeds<'a>(&'a self, policy: &'a Policy) -> Vec<PendingSeed<'a>> {
+        let now = now_ms();
+        let specs: Vec<(&Tenant, SeedSpec)> = policy
+            .tenants
+            .values()
+            .filter(|t| t.has_limits())
+            .flat_map(|t| seed_specs(t, now).into_iter().map(move |s| (t, s)))
+            .collect();
+        let mut mine = Vec::new();
+        for counters in self.stores() {
+            for (tenant, spec) in &specs {
                 match counters
-                    .begin_counter_seed(&tenant.name, &scope, now_ms())
+                    .begin_counter_seed(&tenant.name, &spec.scope(), now_ms())
                     .await
                 {
-                    Ok(CounterSeed::Ready) => {}
-                    Ok(CounterSeed::Busy) => busy.push((counters, tenant, spec)),
-                    Ok(CounterSeed::Seed(cut)) => mine.push((counters, tenant, spec, cut)),
+                    Ok(CounterSeed::Ready | CounterSeed::Busy) => {}
+                    Ok(CounterSeed::Seed(cut)) => mine.push(PendingSeed {
+                        counters,
+                        tenant,
+                        spec: spec.clone(),
+                        cut,
+                    }),
                     Err(e) => {
-                        tracing::warn!(tenant = %tenant.name, counter = %spec.counter, "seeding a counter the policy added failed: {e}")
+                        tracing::debug!("cannot check counters for seeds now: {e}");
+                        break;
                     }
                 }
             }
-            if let Some(last) = mine.iter().map(|m| m.3).max() {
-                self.await_ledger("*", last, lag).await;
-            }
-            for (counters, tenant, spec, cut) in mine {
-                let seeded = async {
-                    let amount = self.ledger_sum(store, tenant, spec, cut).await?;
-                    counters
-                        .finish_counter_seed(
-                            &tenant.name,
-                            &spec.counter,
-                            cut,
-                            amount,
-                            spec.window.end_ms,
-                        )
-                        .await?;
-                    anyhow::Ok(amount)
-                };
-                match seeded.await {
-                    Ok(amount) => {
-                        tracing::info!(tenant = %tenant.name, counter = %spec.counter, amount, "counter added by the policy seeded from the ledger")
-                    }
-                    Err(e) => {
-                        tracing::warn!(tenant = %tenant.name, counter = %spec.counter, "seeding a counter the policy added failed: {e:#}")
-                    }
+        }
+        mine
+    }
+
+    /// Sums the ledger for each counter [`Limits::begin_seeds`] handed this replica and writes
+    /// its seed. A failure leaves the counter to the next pass (it keeps its cut-off).
+    async fn finish_seeds(&self, pending: Vec<PendingSeed<'_>>, store: &Store, lag: Duration) {
+        let Some(last) = pending.iter().map(|p| p.cut).max() else {
+            return;
+        };
+        self.await_ledger(None, last, lag).await;
+        for p in pending {
+            let spec = &p.spec;
+            let seeded = async {
+                let amount = self.ledger_sum(store, p.tenant, spec, p.cut).await?;
+                p.counters
+                    .finish_counter_seed(
+                        &p.tenant.name,
+                        &spec.counter,
+                        p.cut,
+                        amount,
+                        spec.window.end_ms,
+                    )
+                    .await?;
+                anyhow::Ok(amount)
+            };
+            match seeded.await {
+                Ok(amount) => {
+                    tracing::info!(tenant = %p.tenant.name, counter = %spec.counter, amount, "counter seeded from the ledger (a budget or rate limit new to its window)")
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %p.tenant.name, counter = %spec.counter, "seeding a counter from the ledger failed, retrying shortly (reservations on it are refused meanwhile): {e:#}")
                 }
             }
-            // Counters another replica is seeding: ask again until they are ready (or its lock
-            // expires and this replica takes over).
-            if !busy.is_empty() {
-                if tokio::time::Instant::now() >= deadline {
-                    tracing::warn!(counters = busy.len(), "another replica is still seeding counters the policy added; reservations on them wait for it");
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            pending = busy;
+        }
+    }
+
+    /// One pass over every counter of `policy` (at start, then every few hundred milliseconds
+    /// in the background): seeds from the ledger those that need it and this replica is to
+    /// seed (new ones, or ones whose seeder failed or died).
+    pub async fn seed_counters(&self, policy: &Policy, store: &Store, lag: Duration) {
+        let _pass = self.seeding.lock().await;
+        let pending = self.begin_seeds(policy).await;
+        self.finish_seeds(pending, store, lag).await;
+    }
+
+    /// Before a reload swaps `new` in: fixes the cut-off of every counter it adds to a tenant,
+    /// so that reservations on it are refused until [`Limits::seed_counters`] (in the
+    /// background) has seeded it from the ledger. The swap does not wait for the seeds.
+    pub async fn begin_added(&self, new: &Policy) {
+        let _pass = self.seeding.lock().await;
+        let pending = self.begin_seeds(new).await;
+        if !pending.is_empty() {
+            tracing::info!(
+                counters = pending.len(),
+                "counters new to their window are seeded from the ledger in the background; reservations on them are refused until then"
+            );
         }
     }
 
@@ -861,17 +890,15 @@ impl Limits {
             .iter()
             .enumerate()
             .filter_map(|(index, p)| {
-                let amount = match p.measure {
-                    Measure::Micros => cost,
-                    Measure::Tokens => amount(extra_output),
-                    Measure::Requests => return None,
-                };
+                if p.measure == Measure::Requests {
+                    return None;
+                }
                 let mut charge = Charge {
-                    amount,
+                    amount: p.measure.of(0, amount(extra_output), cost),
                     ..p.charge.clone()
                 };
-                if let Some(prefix) = &p.minute_prefix {
-                    charge.counter = format!("{prefix}:{}", minute.label);
+                if let Some(definition) = &p.minute_definition {
+                    charge.counter = counter_key(definition, &minute);
                     charge.window_end_ms = minute.end_ms;
                 }
                 Some((index, charge))
@@ -1021,8 +1048,8 @@ impl Limits {
         if !admission.is_limited() {
             return;
         }
-        let charges = admission.settle_charges(usage);
         let facts = admission.facts(usage);
+        let charges = admission.settle_charges(&facts);
         if admission.mirror {
             // This replica's own counters keep its spend, for fail_open while Redis is away.
             self.local
@@ -1034,8 +1061,10 @@ impl Limits {
         self.background.spawn(async move {
             let _settling = settling;
             let tag = &admission.tag;
-            // The store that reserved settles first (its totals drive the alerts).
-            let Some(totals) = limits
+            // The store that reserved settles first (its totals drive the alerts); a request
+            // admitted on this replica's counters while Redis was away is also settled in Redis
+            // once it is back (the script ignores it if the rebuild's ledger sum has it).
+            let settled = match limits
                 .settle_retrying(
                     admission.local,
                     tag,
@@ -1045,29 +1074,18 @@ impl Limits {
                     &facts,
                 )
                 .await
-            else {
-                limits
-                    .abandon(Abandoned {
-                        tag: tag.clone(),
-                        request_id,
-                        charges,
-                        ended_ms,
-                        facts,
-                    })
-                    .await;
-                return;
-            };
-            limits.alert(&admission, &charges, &totals).await;
-            // A request admitted on this replica's counters while Redis was away is also
-            // settled in Redis once it is back: the script ignores it if the rebuild's ledger
-            // sum has it.
-            if admission.local
-                && limits.shared.is_some()
-                && limits
-                    .settle_retrying(false, tag, &request_id, &charges, ended_ms, &facts)
-                    .await
-                    .is_none()
             {
+                Some(totals) => {
+                    limits.alert(&admission, &charges, &totals).await;
+                    !(admission.local && limits.shared.is_some())
+                        || limits
+                            .settle_retrying(false, tag, &request_id, &charges, ended_ms, &facts)
+                            .await
+                            .is_some()
+                }
+                None => false,
+            };
+            if !settled {
                 limits
                     .abandon(Abandoned {
                         tag: tag.clone(),
@@ -1083,29 +1101,23 @@ impl Limits {
 
     /// Keeps a settle Redis did not take on disk, for [`Limits::replay_abandoned`].
     async fn abandon(&self, entry: Abandoned) {
-        let _guard = self.abandoned_lock.lock().await;
-        let mut line = serde_json::to_vec(&entry).expect("serializable");
-        line.push(b'\n');
-        let written = (|| {
-            use std::io::Write;
-            if let Some(dir) = self.abandoned.parent() {
-                std::fs::create_dir_all(dir)?;
+        let file = self.abandoned.path().display();
+        match self.abandoned.keep(&entry).await {
+            Ok(true) => {
+                tracing::error!(request_id = %entry.request_id, %file, "settle abandoned; kept on disk and replayed when Redis answers again")
             }
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.abandoned)?;
-            file.write_all(&line)?;
-            file.sync_data()
-        })();
-        match written {
-            Ok(()) => {
-                tracing::error!(request_id = %entry.request_id, file = %self.abandoned.display(), "settle abandoned; kept on disk and replayed when Redis answers again")
+            Ok(false) => {
+                tracing::error!(request_id = %entry.request_id, %file, dropped_total = self.abandoned.dropped(), "settle abandoned and not kept: the file of abandoned settles is full; the hold expires on its own and the counter misses it until its next rebuild")
             }
             Err(e) => {
                 tracing::error!(request_id = %entry.request_id, "settle abandoned and not kept ({e}); the hold expires on its own and the counter misses it until its next rebuild")
             }
         }
+    }
+
+    /// Abandoned settles dropped because their file was full (for /metrics).
+    pub fn abandoned_settles_dropped(&self) -> u64 {
+        self.abandoned.dropped()
     }
 
     /// Replays, every `every`, the settles that Redis did not take (this run's or an earlier
@@ -1121,57 +1133,29 @@ impl Limits {
         }
     }
 
-    /// One pass over the abandoned settles: how many were applied.
-    async fn replay_abandoned_once(&self) -> anyhow::Result<usize> {
+    /// One pass over the abandoned settles: how many were applied. Stops at the first one
+    /// Redis does not take; the file's lock is never held while Redis is asked.
+    async fn replay_abandoned_once(&self) -> std::io::Result<usize> {
         let Some(redis) = &self.shared else {
             return Ok(0);
         };
-        let _guard = self.abandoned_lock.lock().await;
-        let text = match std::fs::read_to_string(&self.abandoned) {
-            Ok(text) if !text.is_empty() => text,
-            Ok(_) => return Ok(0),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e.into()),
-        };
-        let now = now_ms();
-        let mut kept = String::new();
-        let mut applied = 0;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let entry: Abandoned = match serde_json::from_str(line) {
-                Ok(entry) => entry,
-                Err(e) => {
-                    tracing::error!("dropping an unreadable abandoned settle ({e}): {line}");
-                    continue;
-                }
-            };
-            if now - entry.ended_ms > ABANDONED_MAX_AGE_MS {
-                tracing::error!(request_id = %entry.request_id, "dropping an abandoned settle older than Redis remembers settles; the counter misses it until its next rebuild");
-                continue;
-            }
-            match redis
-                .settle(
-                    &entry.tag,
-                    &entry.request_id,
-                    &entry.charges,
-                    entry.ended_ms,
-                    &entry.facts,
-                )
-                .await
-            {
-                Ok(_) => applied += 1,
-                Err(_) => {
-                    kept.push_str(line);
-                    kept.push('\n');
-                }
-            }
+        if !self.abandoned.is_pending() || redis.ping().await.is_err() {
+            return Ok(0); // nothing changed, or Redis is still away: the file is not read
         }
-        if applied > 0 || kept.len() != text.len() {
-            let tmp = self.abandoned.with_extension("jsonl.tmp");
-            std::fs::write(&tmp, &kept)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &self.abandoned)?;
-        }
-        Ok(applied)
+        self.abandoned
+            .replay(now_ms(), |entry| async move {
+                redis
+                    .settle(
+                        &entry.tag,
+                        &entry.request_id,
+                        &entry.charges,
+                        entry.ended_ms,
+                        &entry.facts,
+                    )
+                    .await
+                    .map(drop)
+            })
+            .await
     }
 
     /// Settles on one store, retrying with backoff for `settle_retry` (six minutes unless

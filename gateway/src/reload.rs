@@ -61,10 +61,10 @@ pub async fn reload(path: &Path, state: &AppState, store: &Store, limits: &Limit
     }
     let changes = diff(&old, &new);
     // Counters the new policy adds to limited tenants start from the ledger's spend in their
-    // window, seeded before any request reserves on them. Requests still running under the
-    // old policy are counted in them at their settle.
-    let lag = new.ledger_flush_interval * 2 + Duration::from_secs(1);
-    limits.seed_added(&old, &new, store, lag).await;
+    // window: their cut-offs are fixed before the swap (reservations on them are refused until
+    // they are seeded), the seeds come from the background (`serve::rebuild_counters`).
+    // Requests still running under the old policy are counted in them at their settle.
+    limits.begin_added(&new).await;
     let new = Arc::new(new);
     state.policy.store(new.clone());
     tracing::info!(file = %path.display(), changes = changes.len(), "policy reloaded");

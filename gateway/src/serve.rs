@@ -316,18 +316,27 @@ async fn start_background(
     if policy.redis_url.is_some() {
         limits.rebuild(policy, &store, lag, false).await;
         // Settles Redis did not take (this run's, or left on disk by an earlier one).
-        tokio::spawn(limits.clone().replay_abandoned(std::time::Duration::from_secs(2)));
-        tokio::spawn(rebuild_counters(
-            current,
-            store.clone(),
-            limits.clone(),
-            lag,
-        ));
+        tokio::spawn(
+            limits
+                .clone()
+                .replay_abandoned(std::time::Duration::from_secs(2)),
+        );
     }
+    // Counters new to their window (a budget this policy has and the running replicas' did
+    // not) start from the ledger, before this replica serves.
+    limits.seed_counters(policy, &store, lag).await;
+    tokio::spawn(rebuild_counters(
+        current,
+        store.clone(),
+        limits.clone(),
+        lag,
+    ));
     Ok((store, keys, ledger, limits))
 }
 
-/// Watches for a cold Redis and rebuilds its counters from the ledger, off the request path.
+/// Off the request path, every 500 ms: rebuilds a cold Redis' counters from the ledger, and
+/// seeds every counter that needs a seed of its own (added by a reload here or by a newer
+/// policy elsewhere, or whose seeder failed or died) until it has one.
 async fn rebuild_counters(
     policy: Arc<arc_swap::ArcSwap<Policy>>,
     store: Store,
@@ -336,7 +345,11 @@ async fn rebuild_counters(
 ) {
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        limits.rebuild(&policy.load(), &store, lag, false).await;
+        let policy = policy.load_full();
+        if policy.redis_url.is_some() {
+            limits.rebuild(&policy, &store, lag, false).await;
+        }
+        limits.seed_counters(&policy, &store, lag).await;
     }
 }
 

@@ -6,10 +6,10 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Added, Charge, CounterSeed, Counters, Denied, Facts, Seed, Unavailable};
-
-/// How long a settled request id is remembered, so a repeated settle is ignored.
-const SETTLED_MEMORY_MS: i64 = 24 * 3_600_000;
+use super::{
+    Added, Charge, CounterSeed, Counters, Denied, Facts, Seed, Unavailable, ADDED_MEMORY_MS,
+    DEFINITION_ABSENT_MS, SETTLED_MEMORY_MS,
+};
 
 #[derive(Default)]
 pub struct LocalCounters {
@@ -23,8 +23,12 @@ struct State {
     settled: HashMap<String, i64>,
     /// Tenant -> epoch of its rebuild from the ledger.
     epochs: HashMap<String, i64>,
-    /// Tenant -> counters a policy reload added (seeded on their own).
+    /// Tenants whose rebuild finished.
+    ready: std::collections::HashSet<String>,
+    /// Tenant -> counters seeded on their own (see [`Counters::begin_counter_seed`]).
     added: HashMap<String, Vec<String>>,
+    /// Counter definition -> (when first seen, when last seen).
+    definitions: HashMap<String, (i64, i64)>,
     operations: u64,
 }
 
@@ -39,7 +43,7 @@ struct Counter {
     window_end_ms: i64,
     /// `seed` was written from the ledger.
     seeded: bool,
-    /// Added by a policy reload: the cut-off of its own seed, and what it counts.
+    /// Seeded on its own: the cut-off of its seed, and what it counts.
     added: Option<(i64, Added)>,
 }
 
@@ -70,9 +74,31 @@ impl State {
 }
 
 impl State {
-    /// Counts a request in the counters a reload added while it ran (it reserved nothing on
-    /// them, `charges` does not name them) when it ended after their cut-off and falls in their
-    /// scope.
+    /// Releases the request's holds and counts `charges`, except on a counter seeded on its own
+    /// when the request ended before its cut-off (its ledger sum has it). Each counter's total.
+    fn apply(&mut self, request_id: &str, charges: &[Charge], ended_ms: i64) -> Vec<i64> {
+        let mut totals = Vec::with_capacity(charges.len());
+        for charge in charges {
+            let counter = self.counters.entry(charge.counter.clone()).or_default();
+            counter.window_end_ms = charge.window_end_ms;
+            if let Some((held, _)) = counter.holds.remove(request_id) {
+                counter.reserved = counter.reserved.saturating_sub(held);
+            }
+            if counter
+                .added
+                .as_ref()
+                .is_none_or(|(cut, _)| ended_ms >= *cut)
+            {
+                counter.used = counter.used.saturating_add(super::clamp(charge.amount));
+            }
+            totals.push(counter.seed.saturating_add(counter.used));
+        }
+        totals
+    }
+
+    /// Counts a request in the counters seeded on their own that it reserved nothing on
+    /// (`charges` does not name them) when it ended after their cut-off and falls in their
+    /// scope. Forgets counters swept with their window or past [`ADDED_MEMORY_MS`].
     fn count_added(&mut self, tag: &str, charges: &[Charge], ended_ms: i64, facts: &Facts) {
         let Some(added) = self.added.remove(tag) else {
             return;
@@ -82,11 +108,15 @@ impl State {
             let Some(counter) = self.counters.get_mut(&name) else {
                 continue; // swept with its window
             };
+            let Some((cut, scope)) = &counter.added else {
+                continue; // seeded again by a tenant rebuild
+            };
+            if ended_ms > cut.saturating_add(ADDED_MEMORY_MS) {
+                continue;
+            }
             if !charges.iter().any(|c| c.counter == name) {
-                if let Some((cut, scope)) = &counter.added {
-                    if let Some(amount) = scope.amount(facts).filter(|_| ended_ms >= *cut) {
-                        counter.used = counter.used.saturating_add(super::clamp(amount));
-                    }
+                if let Some(amount) = scope.amount(facts).filter(|_| ended_ms >= *cut) {
+                    counter.used = counter.used.saturating_add(super::clamp(amount));
                 }
             }
             kept.push(name);
@@ -110,14 +140,7 @@ impl LocalCounters {
     ) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.sweep(ended_ms);
-        for charge in charges {
-            let counter = state.counters.entry(charge.counter.clone()).or_default();
-            counter.window_end_ms = charge.window_end_ms;
-            if let Some((held, _)) = counter.holds.remove(request_id) {
-                counter.reserved = counter.reserved.saturating_sub(held);
-            }
-            counter.used = counter.used.saturating_add(super::clamp(charge.amount));
-        }
+        state.apply(request_id, charges, ended_ms);
         state.count_added(tag, charges, ended_ms, facts);
     }
 }
@@ -139,7 +162,7 @@ impl Counters for LocalCounters {
             let counter = state.counters.entry(charge.counter.clone()).or_default();
             if counter.added.is_some() && !counter.seeded {
                 return Err(Unavailable(
-                    "a counter added by a policy reload is being seeded from the ledger".into(),
+                    "a counter is being seeded from the ledger".into(),
                 ));
             }
             counter.window_end_ms = charge.window_end_ms;
@@ -192,23 +215,7 @@ impl Counters for LocalCounters {
         {
             return Ok(Vec::new());
         }
-        let mut totals = Vec::with_capacity(charges.len());
-        for charge in charges {
-            let counter = state.counters.entry(charge.counter.clone()).or_default();
-            counter.window_end_ms = charge.window_end_ms;
-            if let Some((held, _)) = counter.holds.remove(request_id) {
-                counter.reserved = counter.reserved.saturating_sub(held);
-            }
-            // Ended before an added counter's cut-off: its ledger sum has it.
-            if counter
-                .added
-                .as_ref()
-                .is_none_or(|(cut, _)| ended_ms >= *cut)
-            {
-                counter.used = counter.used.saturating_add(super::clamp(charge.amount));
-            }
-            totals.push(counter.seed.saturating_add(counter.used));
-        }
+        let totals = state.apply(request_id, charges, ended_ms);
         state.count_added(tag, charges, ended_ms, facts);
         Ok(totals)
     }
@@ -238,13 +245,19 @@ impl Counters for LocalCounters {
         })
     }
 
-    async fn finish_seed(&self, _tag: &str, seeds: &[Seed]) -> Result<(), Unavailable> {
+    async fn finish_seed(&self, tag: &str, seeds: &[Seed]) -> Result<(), Unavailable> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let epoch = state.epochs.get(tag).copied().unwrap_or_default();
+        state.ready.insert(tag.to_string());
         for seed in seeds {
             let counter = state.counters.entry(seed.counter.clone()).or_default();
             counter.seed = seed.amount;
             counter.seeded = true;
+            counter.added = None;
             counter.window_end_ms = seed.window_end_ms;
+            state
+                .definitions
+                .insert(seed.definition.clone(), (epoch, epoch));
         }
         Ok(())
     }
@@ -256,11 +269,23 @@ impl Counters for LocalCounters {
         now_ms: i64,
     ) -> Result<CounterSeed, Unavailable> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !state.epochs.contains_key(tag) {
-            return Ok(CounterSeed::Ready); // the tenant's own rebuild seeds every counter
+        if !state.ready.contains(tag) {
+            return Ok(CounterSeed::Busy); // the tenant's own rebuild comes first
         }
+        let (since, reseed) = match state.definitions.get(&added.definition).copied() {
+            Some((since, seen)) if now_ms - seen <= DEFINITION_ABSENT_MS => (since, false),
+            // New, or back after it was removed: what it counted before is stale.
+            known => (now_ms, known.is_some()),
+        };
+        state
+            .definitions
+            .insert(added.definition.clone(), (since, now_ms));
         let counter = state.counters.entry(added.counter.clone()).or_default();
-        if counter.seeded {
+        if reseed {
+            counter.seeded = false;
+            counter.added = None;
+        }
+        if counter.seeded || (counter.added.is_none() && added.window_start_ms >= since) {
             return Ok(CounterSeed::Ready);
         }
         if let Some((cut, _)) = &counter.added {
@@ -270,11 +295,10 @@ impl Counters for LocalCounters {
         counter.used = 0;
         counter.window_end_ms = added.window_end_ms;
         counter.added = Some((now_ms, added.clone()));
-        state
-            .added
-            .entry(tag.to_string())
-            .or_default()
-            .push(added.counter.clone());
+        let registry = state.added.entry(tag.to_string()).or_default();
+        if !registry.contains(&added.counter) {
+            registry.push(added.counter.clone());
+        }
         Ok(CounterSeed::Seed(now_ms))
     }
 

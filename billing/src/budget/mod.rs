@@ -35,6 +35,24 @@ pub fn clamp(amount: i64) -> i64 {
     amount.clamp(-MAX_AMOUNT, MAX_AMOUNT)
 }
 
+/// How long a settled request id is remembered, so that a repeated settle (a retry whose reply
+/// was lost, a replayed abandoned settle) is ignored. A replay must come well within it.
+pub const SETTLED_MEMORY_MS: i64 = 24 * 3_600_000;
+
+/// How long a counter seeded on its own (see [`Counters::begin_counter_seed`]) stays in its
+/// tenant's registry of such counters after its cut-off: settles of requests that reserved
+/// nothing on it (admitted by a replica whose policy lacks it, or replayed up to
+/// [`SETTLED_MEMORY_MS`] later) count in it until then. Pruned by the first settle that ended
+/// past it, so a rolling deploy whose old replicas still run a day after the cut-off is no
+/// longer counted in it.
+pub const ADDED_MEMORY_MS: i64 = 2 * SETTLED_MEMORY_MS;
+
+/// A counter definition (a budget or rate limit, whatever its window) that no replica has
+/// reported for this long is taken as removed from the policy: if it comes back, its current
+/// window is seeded from the ledger again (it missed what was spent while it was away). Every
+/// replica reports the definitions of its policy every few hundred milliseconds.
+pub const DEFINITION_ABSENT_MS: i64 = 120_000;
+
 /// One limit a request is charged against.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Charge {
@@ -72,6 +90,8 @@ impl std::error::Error for Unavailable {}
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seed {
     pub counter: String,
+    /// The counter's key without its window (see [`Added::definition`]).
+    pub definition: String,
     pub amount: i64,
     pub window_end_ms: i64,
 }
@@ -91,11 +111,14 @@ pub struct Facts {
     pub cost: i64,
 }
 
-/// What a counter added to a running policy counts: requests of its window, narrowed to a key
-/// and a model; `measure` is what each adds.
+/// A counter of a tenant's current policy, and what it counts: requests of its window, narrowed
+/// to a key and a model; `measure` is what each adds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Added {
     pub counter: String,
+    /// The counter's key without its window: the same for every window of one budget or rate
+    /// limit (`tg:{acme}:b:usd.monthly.*.*` for `tg:{acme}:b:usd.monthly.*.*:2026-11`).
+    pub definition: String,
     pub window_start_ms: i64,
     pub window_end_ms: i64,
     pub key: Option<String>,
@@ -110,11 +133,7 @@ impl Added {
             && facts.created_ms < self.window_end_ms
             && self.key.as_ref().is_none_or(|k| *k == facts.key)
             && self.model.as_ref().is_none_or(|m| *m == facts.model);
-        in_scope.then_some(match self.measure {
-            Measure::Micros => facts.cost,
-            Measure::Tokens => facts.tokens,
-            Measure::Requests => 1,
-        })
+        in_scope.then_some(self.measure.of(1, facts.tokens, facts.cost))
     }
 }
 
@@ -127,6 +146,15 @@ pub enum Measure {
 }
 
 impl Measure {
+    /// What this measure counts of `requests` requests of `tokens` tokens costing `cost`.
+    pub fn of(self, requests: i64, tokens: i64, cost: i64) -> i64 {
+        match self {
+            Measure::Micros => cost,
+            Measure::Tokens => tokens,
+            Measure::Requests => requests,
+        }
+    }
+
     fn code(self) -> &'static str {
         match self {
             Measure::Micros => "c",
@@ -139,9 +167,10 @@ impl Measure {
 /// The answer of [`Counters::begin_counter_seed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CounterSeed {
-    /// Nothing to do: already seeded (or the tenant's own rebuild will seed it).
+    /// Nothing to do: it has its seed, or its window began after its definition appeared.
     Ready,
-    /// Another replica is seeding it: ask again in a moment.
+    /// Not now: the tenant is cold or being rebuilt, or another replica is seeding it. Ask
+    /// again in a moment.
     Busy,
     /// This caller seeds it: sum the ledger's requests that ended before this cut-off and call
     /// [`Counters::finish_counter_seed`].
@@ -202,12 +231,20 @@ pub trait Counters: Send + Sync {
     /// Writes the ledger sums (requests that ended before the epoch) and opens the tenant again.
     async fn finish_seed(&self, tag: &str, seeds: &[Seed]) -> Result<(), Unavailable>;
 
-    /// Starts seeding one counter that a policy reload added to a tenant whose counters are
-    /// ready (a new budget, or one whose scope or period changed): from its cut-off on, every
-    /// settle of the tenant's requests in its scope counts in it (those admitted under the
-    /// older policy too, from their [`Facts`]); requests that ended before the cut-off come
-    /// from the ledger sum [`Counters::finish_counter_seed`] writes. Reservations on it are
-    /// refused as unavailable until then.
+    /// Makes sure a counter of the tenant's current policy counts everything of its window.
+    /// Every replica calls it for every counter of its policy, at start, before a reload's
+    /// swap and then every few hundred milliseconds, until it answers [`CounterSeed::Ready`].
+    ///
+    /// The store remembers when it first saw each [`Added::definition`] (and when last, see
+    /// [`DEFINITION_ABSENT_MS`]; a tenant's rebuild registers the definitions it seeded). A
+    /// window that began after that was charged by every request in it. The window that was
+    /// current then (a budget added by a reload or by a rolling deploy, a changed scope or
+    /// period, a definition back after it was removed) is seeded on its own: from its cut-off
+    /// on, every settle of the tenant's requests in its scope counts in it (also those that
+    /// reserved nothing on it, from their [`Facts`]); requests that ended before the cut-off
+    /// come from the ledger sum [`Counters::finish_counter_seed`] writes. Reservations on it are
+    /// refused as unavailable until then. A seed whose seeder failed or died is taken over:
+    /// by the same caller at once, by another once the seeder's lock expired.
     async fn begin_counter_seed(
         &self,
         tag: &str,

@@ -9,13 +9,17 @@
 //! `tg:{t}:seeding` (the rebuild lock). A flushed or restarted Redis loses `ready` with the
 //! counters, so reservations stop until a replica has rebuilt them.
 //!
-//! A counter that a policy reload adds to a ready tenant is seeded on its own: its hash gets
-//! `cut` (its own cut-off) and its scope (`a.start`, `a.end`, `a.measure`, `a.key`, `a.model`),
-//! and the tenant's `tg:{t}:added` hash lists it. Reservations on it wait for its `seed`;
-//! every settle counts the request in it when it ended at or after `cut` and falls in its
-//! scope, also a request admitted under the older policy (which reserved nothing on it): the
-//! settle script reads those counters by name, so they must live on the tenant's slot, as
-//! every `tg:{t}:` key does.
+//! `tg:{t}:defs` remembers, per counter definition (a counter key without its window), when a
+//! replica first saw it in its policy (`s:<definition>`) and last (`l:<definition>`). A counter
+//! whose window was current when its definition appeared (a budget added by a reload or a
+//! rolling deploy, one back after it was removed) is seeded on its own: its hash gets `cut`
+//! (its own cut-off) and its scope (`a.start`, `a.end`, `a.measure`, `a.key`, `a.model`), its
+//! lock is `C:seeding`, and the tenant's `tg:{t}:added` hash lists it (counter -> cut).
+//! Reservations on it are refused until it has its `seed`; every settle counts the request in
+//! it when it ended at or after `cut` and falls in its scope, also a request that reserved
+//! nothing on it (admitted under an older policy): the settle script reads those counters by
+//! name, so they must live on the tenant's slot, as every `tg:{t}:` key does. Settles prune the
+//! list [`ADDED_MEMORY_MS`] after a counter's cut.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -24,10 +28,10 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use super::{Added, Charge, CounterSeed, Counters, Denied, Facts, Seed, Unavailable};
-
-/// How long a settled request id is remembered in Redis.
-const SETTLED_MEMORY_MS: i64 = 24 * 3_600_000;
+use super::{
+    Added, Charge, CounterSeed, Counters, Denied, Facts, Seed, Unavailable, ADDED_MEMORY_MS,
+    DEFINITION_ABSENT_MS, SETTLED_MEMORY_MS,
+};
 /// Counters outlive their window by this much (late settles still land).
 const WINDOW_GRACE_MS: i64 = 24 * 3_600_000;
 
@@ -47,8 +51,8 @@ for i = 1, n do
   local base = 4 + (i - 1) * 4
   local limit, amount, hard = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), ARGV[base + 3] == '1'
   local counted = redis.call('HMGET', c, 'seed', 'used', 'reserved', 'cut')
-  -- Added by a policy reload and not seeded from the ledger yet.
-  if counted[4] and not counted[1] then return {2} end
+  -- Seeded on its own and not seeded from the ledger yet.
+  if counted[4] and not counted[1] then return {3} end
   local room = limit - tonumber(counted[1] or '0') - tonumber(counted[2] or '0') - tonumber(counted[3] or '0')
   if hard and amount > room then return {0, i, room} end
   rooms[i] = room - amount
@@ -76,7 +80,7 @@ local epoch = redis.call('GET', KEYS[2])
 -- Cold, or ended before the rebuild's cut-off: the ledger sum counts this request.
 if not epoch or ended < tonumber(epoch) then return {} end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[3]) then return {} end
-local base = 9
+local base = 10
 local charged = {}
 local totals = {}
 for i = 1, n do
@@ -97,10 +101,15 @@ for i = 1, n do
   local expire_at = tonumber(ARGV[base + n + i])
   if expire_at > 0 then redis.call('PEXPIREAT', c, expire_at) end
 end
--- Counters a policy reload added while this request ran: it reserved nothing on them.
+-- Counters seeded on their own that this request reserved nothing on (added while it ran).
 local created, kid, model = tonumber(ARGV[5]), ARGV[6], ARGV[7]
-for _, c in ipairs(redis.call('HKEYS', KEYS[3])) do
-  if not charged[c] then
+local forget_before = ended - tonumber(ARGV[10])
+local registry = redis.call('HGETALL', KEYS[3])
+for j = 1, #registry, 2 do
+  local c = registry[j]
+  if tonumber(registry[j + 1]) < forget_before then
+    redis.call('HDEL', KEYS[3], c)
+  elseif not charged[c] then
     local f = redis.call('HMGET', c, 'cut', 'a.start', 'a.end', 'a.measure', 'a.key', 'a.model')
     if not f[1] then
       redis.call('HDEL', KEYS[3], c) -- expired with its window
@@ -124,10 +133,18 @@ return tonumber(redis.call('GET', KEYS[2]))
 
 const FINISH_SEED: &str = r#"
 local n = tonumber(ARGV[1])
+local epoch = redis.call('GET', KEYS[3])
 for i = 1, n do
-  redis.call('HSET', KEYS[2 + i], 'seed', ARGV[1 + i])
+  local c = KEYS[3 + i]
+  -- A counter seeded on its own before (a flush keeps nothing, but a lost `ready` may) is whole now.
+  redis.call('HDEL', c, 'cut')
+  redis.call('HSET', c, 'seed', ARGV[1 + i])
   local expire_at = tonumber(ARGV[1 + n + i])
-  if expire_at > 0 then redis.call('PEXPIREAT', KEYS[2 + i], expire_at) end
+  if expire_at > 0 then redis.call('PEXPIREAT', c, expire_at) end
+  if epoch then
+    local d = ARGV[1 + 2 * n + i]
+    redis.call('HSET', KEYS[4 + n], 's:' .. d, epoch, 'l:' .. d, epoch)
+  end
 end
 redis.call('SET', KEYS[1], '1')
 redis.call('DEL', KEYS[2])
@@ -135,10 +152,28 @@ return 1
 "#;
 
 const BEGIN_COUNTER_SEED: &str = r#"
--- Cold: the tenant's own rebuild seeds every counter of the policy.
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local now = tonumber(ARGV[1])
+-- Cold or being rebuilt (perhaps by a replica whose policy lacks this counter): the rebuild
+-- comes first, then this counter gets its seed from it or from here.
+if redis.call('EXISTS', KEYS[1]) == 0 then return {1} end
+local d = ARGV[10]
+local seen = redis.call('HMGET', KEYS[5], 's:' .. d, 'l:' .. d)
+local since, last = tonumber(seen[1]), tonumber(seen[2])
 local f = redis.call('HMGET', KEYS[3], 'seed', 'cut')
+if not since or not last or now - last > tonumber(ARGV[11]) then
+  if since then
+    -- Back after no replica had it: what it counted before misses what was spent meanwhile.
+    redis.call('HDEL', KEYS[3], 'seed', 'cut')
+    f = {false, false}
+  end
+  since = now
+  redis.call('HSET', KEYS[5], 's:' .. d, now, 'l:' .. d, now)
+elseif now - last > tonumber(ARGV[11]) / 10 then
+  redis.call('HSET', KEYS[5], 'l:' .. d, now)
+end
 if f[1] then return {0} end
+-- A window that began after its definition appeared: every request in it was charged.
+if not f[2] and tonumber(ARGV[4]) >= since then return {0} end
 if not redis.call('SET', KEYS[4], ARGV[3], 'NX', 'PX', ARGV[2]) then
   if redis.call('GET', KEYS[4]) ~= ARGV[3] then return {1} end
 end
@@ -235,6 +270,18 @@ impl RedisCounters {
     }
 }
 
+impl RedisCounters {
+    /// Whether Redis answers now.
+    pub async fn ping(&self) -> Result<(), Unavailable> {
+        let mut connection = self.connection().await?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+        Ok(())
+    }
+}
+
 fn holds_key(counter: &str) -> String {
     format!("{counter}:holds")
 }
@@ -289,6 +336,9 @@ impl Counters for RedisCounters {
             [2] => Err(Unavailable(
                 "counters are being rebuilt from the ledger".into(),
             )),
+            [3] => Err(Unavailable(
+                "a counter is being seeded from the ledger".into(),
+            )),
             [0, index, room] => Ok(Err(Denied {
                 index: (*index as usize).saturating_sub(1),
                 room: *room,
@@ -320,7 +370,8 @@ impl Counters for RedisCounters {
             .arg(&facts.key)
             .arg(&facts.model)
             .arg(super::clamp(facts.tokens))
-            .arg(super::clamp(facts.cost));
+            .arg(super::clamp(facts.cost))
+            .arg(ADDED_MEMORY_MS);
         for charge in charges {
             invocation
                 .key(&charge.counter)
@@ -377,14 +428,19 @@ impl Counters for RedisCounters {
         let mut invocation = self.finish_seed.prepare_invoke();
         invocation
             .key(tenant_key(tag, "ready"))
-            .key(tenant_key(tag, "seeding"));
+            .key(tenant_key(tag, "seeding"))
+            .key(tenant_key(tag, "epoch"));
         invocation.arg(seeds.len());
         for seed in seeds {
             invocation.key(&seed.counter);
             invocation.arg(super::clamp(seed.amount));
         }
+        invocation.key(tenant_key(tag, "defs"));
         for seed in seeds {
             invocation.arg(expire_at(seed.window_end_ms));
+        }
+        for seed in seeds {
+            invocation.arg(&seed.definition);
         }
         let _: i64 = invocation
             .invoke_async(&mut connection)
@@ -405,7 +461,8 @@ impl Counters for RedisCounters {
             .key(tenant_key(tag, "ready"))
             .key(tenant_key(tag, "added"))
             .key(&added.counter)
-            .key(format!("{}:seeding", added.counter));
+            .key(format!("{}:seeding", added.counter))
+            .key(tenant_key(tag, "defs"));
         invocation
             .arg(now_ms)
             .arg(SEED_LOCK_MS)
@@ -415,7 +472,9 @@ impl Counters for RedisCounters {
             .arg(added.measure.code())
             .arg(added.key.as_deref().unwrap_or(""))
             .arg(added.model.as_deref().unwrap_or(""))
-            .arg(expire_at(added.window_end_ms));
+            .arg(expire_at(added.window_end_ms))
+            .arg(&added.definition)
+            .arg(DEFINITION_ABSENT_MS);
         let reply: Vec<i64> = invocation
             .invoke_async(&mut connection)
             .await

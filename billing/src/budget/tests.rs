@@ -243,6 +243,7 @@ async fn rebuilds(counters: &dyn Counters, tag: &str, expect_cold: bool) {
             tag,
             &[Seed {
                 counter: budget.clone(),
+                definition: format!("tg:{{{tag}}}:usd-def"),
                 amount: 30,
                 window_end_ms: i64::MAX,
             }],
@@ -281,6 +282,7 @@ async fn seeds_added_counters(counters: &dyn Counters, other: Option<&dyn Counte
     let far = i64::MAX / 2;
     let added = Added {
         counter: new.clone(),
+        definition: format!("{new}-def"),
         window_start_ms: 0,
         window_end_ms: i64::MAX,
         key: None,
@@ -402,10 +404,255 @@ async fn seeds_added_counters(counters: &dyn Counters, other: Option<&dyn Counte
     assert_eq!(counters.read(&old).await.unwrap(), (43, 0));
 }
 
+fn scope(counter: &str, window_start_ms: i64) -> Added {
+    Added {
+        counter: counter.to_string(),
+        definition: format!("{counter}-def"),
+        window_start_ms,
+        window_end_ms: i64::MAX,
+        key: None,
+        model: None,
+        measure: Measure::Tokens,
+    }
+}
+
+fn tokens(created_ms: i64, tokens: i64) -> Facts {
+    Facts {
+        created_ms,
+        key: "k".into(),
+        model: "m".into(),
+        tokens,
+        cost: 0,
+    }
+}
+
+/// Which counters need a seed of their own, and that a seed nobody finished is taken over.
+/// `expire_lock`: makes another replica's seeding lock of a counter expire now (Redis).
+async fn seeds_counters_new_to_their_window(
+    counters: &dyn Counters,
+    other: Option<&dyn Counters>,
+    tag: &str,
+    expire_lock: impl AsyncFn(&str),
+) {
+    let budget = format!("tg:{{{tag}}}:tokens");
+    let early = format!("tg:{{{tag}}}:early");
+    // Cold, or being rebuilt (perhaps from a policy without this counter): not yet.
+    assert_eq!(
+        counters
+            .begin_counter_seed(tag, &scope(&budget, 0), 1_000)
+            .await
+            .unwrap(),
+        CounterSeed::Busy
+    );
+    assert!(counters.begin_seed(tag, 1_000).await.unwrap().is_some());
+    assert_eq!(
+        counters
+            .begin_counter_seed(tag, &scope(&budget, 0), 1_100)
+            .await
+            .unwrap(),
+        CounterSeed::Busy,
+        "a rebuild is running"
+    );
+    // The rebuild seeds (and registers) only `early`; `budget` is new to its window.
+    counters
+        .finish_seed(
+            tag,
+            &[Seed {
+                counter: early.clone(),
+                definition: format!("{early}-def"),
+                amount: 3,
+                window_end_ms: i64::MAX,
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        counters
+            .begin_counter_seed(tag, &scope(&early, 0), 2_000)
+            .await
+            .unwrap(),
+        CounterSeed::Ready
+    );
+    assert_eq!(
+        counters
+            .begin_counter_seed(tag, &scope(&budget, 0), 2_000)
+            .await
+            .unwrap(),
+        CounterSeed::Seed(2_000)
+    );
+    // Its seeder fails (the ledger sum errs) and asks again: the same cut-off, still refused.
+    assert_eq!(
+        counters
+            .begin_counter_seed(tag, &scope(&budget, 0), 2_500)
+            .await
+            .unwrap(),
+        CounterSeed::Seed(2_000)
+    );
+    let far = i64::MAX / 2;
+    assert!(counters
+        .reserve(tag, "r0", &[charge(&budget, 100, 1, true)], 2_500, far)
+        .await
+        .is_err());
+    if let Some(other) = other {
+        // Another replica waits for the seeder's lock, then takes over.
+        assert_eq!(
+            other
+                .begin_counter_seed(tag, &scope(&budget, 0), 2_600)
+                .await
+                .unwrap(),
+            CounterSeed::Busy
+        );
+        expire_lock(&budget).await;
+        assert_eq!(
+            other
+                .begin_counter_seed(tag, &scope(&budget, 0), 2_700)
+                .await
+                .unwrap(),
+            CounterSeed::Seed(2_000),
+            "taken over with the same cut-off"
+        );
+    }
+    // A settle that charged the counter itself and ended before its cut-off is in the ledger
+    // sum; one that ended after it counts.
+    counters
+        .settle(
+            tag,
+            "before",
+            &[charge(&budget, 100, 9, true)],
+            1_900,
+            &tokens(1_500, 9),
+        )
+        .await
+        .unwrap();
+    counters
+        .settle(
+            tag,
+            "after",
+            &[charge(&budget, 100, 5, true)],
+            2_100,
+            &tokens(1_500, 5),
+        )
+        .await
+        .unwrap();
+    counters
+        .finish_counter_seed(tag, &budget, 2_000, 40, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(counters.read(&budget).await.unwrap(), (45, 0));
+    assert_eq!(
+        counters
+            .begin_counter_seed(tag, &scope(&budget, 0), 3_000)
+            .await
+            .unwrap(),
+        CounterSeed::Ready
+    );
+    // The next window of a known definition began after it appeared: nothing to seed.
+    let next = format!("tg:{{{tag}}}:tokens-next");
+    let mut later = scope(&next, 2_500);
+    later.definition = format!("{budget}-def");
+    assert_eq!(
+        counters
+            .begin_counter_seed(tag, &later, 3_000)
+            .await
+            .unwrap(),
+        CounterSeed::Ready
+    );
+    // Removed (no replica reports it) and back: it missed what was spent meanwhile.
+    let back = 3_000 + DEFINITION_ABSENT_MS + 1;
+    assert_eq!(
+        counters
+            .begin_counter_seed(tag, &scope(&budget, 0), back)
+            .await
+            .unwrap(),
+        CounterSeed::Seed(back)
+    );
+    counters
+        .finish_counter_seed(tag, &budget, back, 70, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(counters.read(&budget).await.unwrap(), (70, 0));
+    // Settles of requests that reserved nothing on it count from their facts, until the
+    // registry forgets the counter (ADDED_MEMORY_MS after its cut-off).
+    let old = format!("tg:{{{tag}}}:old");
+    counters
+        .settle(
+            tag,
+            "old1",
+            &[charge(&old, 100, 2, true)],
+            back + 10,
+            &tokens(back, 2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(counters.read(&budget).await.unwrap(), (72, 0));
+    let forgotten = back + ADDED_MEMORY_MS + 1;
+    counters
+        .settle(
+            tag,
+            "old2",
+            &[charge(&old, 100, 4, true)],
+            forgotten,
+            &tokens(back, 4),
+        )
+        .await
+        .unwrap();
+    counters
+        .settle(
+            tag,
+            "old3",
+            &[charge(&old, 100, 8, true)],
+            back + 20,
+            &tokens(back, 8),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        counters.read(&budget).await.unwrap(),
+        (72, 0),
+        "pruned from the registry"
+    );
+}
+
+#[tokio::test]
+async fn a_mirrored_settle_that_ended_before_a_counters_cut_off_is_not_counted_twice() {
+    let counters = LocalCounters::default();
+    let budget = "tg:{m}:tokens";
+    counters.begin_seed("m", 0).await.unwrap();
+    counters.finish_seed("m", &[]).await.unwrap();
+    assert_eq!(
+        counters
+            .begin_counter_seed("m", &scope(budget, 0), 2_000)
+            .await
+            .unwrap(),
+        CounterSeed::Seed(2_000)
+    );
+    counters.mirror(
+        "m",
+        "before",
+        &[charge(budget, 100, 9, true)],
+        1_900,
+        &tokens(1_500, 9),
+    );
+    counters.mirror(
+        "m",
+        "after",
+        &[charge(budget, 100, 5, true)],
+        2_100,
+        &tokens(1_500, 5),
+    );
+    counters
+        .finish_counter_seed("m", budget, 2_000, 40, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(counters.read(budget).await.unwrap(), (45, 0));
+}
+
 #[tokio::test]
 async fn local_counters() {
     rebuilds(&LocalCounters::default(), "local-rebuild", false).await;
     seeds_added_counters(&LocalCounters::default(), None, "local-added").await;
+    seeds_counters_new_to_their_window(&LocalCounters::default(), None, "local-new", async |_| {})
+        .await;
     behaves(&LocalCounters::default(), "local").await;
 }
 
@@ -422,4 +669,19 @@ async fn redis_counters() {
     behaves(&counters, &prefix).await;
     let other = RedisCounters::new(&url, std::time::Duration::from_secs(2)).unwrap();
     seeds_added_counters(&counters, Some(&other), &format!("{prefix}-added")).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    seeds_counters_new_to_their_window(
+        &counters,
+        Some(&other),
+        &format!("{prefix}-new"),
+        async |counter: &str| {
+            let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+            let _: i64 = redis::cmd("DEL")
+                .arg(format!("{counter}:seeding"))
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+        },
+    )
+    .await;
 }

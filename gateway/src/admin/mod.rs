@@ -95,7 +95,9 @@ impl axum::response::IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
     }
 }
@@ -195,6 +197,12 @@ async fn metrics(axum::extract::State(app): axum::extract::State<Arc<AppState>>)
             "gauge",
             "1 while new requests are served (0: journal full under fail_closed).",
             flag(ledger.accepting),
+        ),
+        (
+            "tollgate_abandoned_settles_dropped_total",
+            "counter",
+            "Settles Redis never took that were not kept on disk: the file of abandoned settles was full.",
+            app.limits.abandoned_settles_dropped() as f64,
         ),
         (
             "tollgate_requests_in_flight",

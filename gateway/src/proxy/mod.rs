@@ -909,7 +909,7 @@ fn shutdown_cut_event() -> Value {
 
 fn limits_cut_event() -> Value {
     json!({"error": {
-        "message": "Budget counters are unreachable and this tenant's policy is to refuse meanwhile; the response was cut here and billed up to this point.",
+        "message": "Budget counters cannot cover more output now (unreachable, or being seeded from the ledger); the response was cut here and billed up to this point.",
         "type": "service_unavailable", "param": null, "code": "limits_unavailable"}})
 }
 
