@@ -50,7 +50,10 @@ pub const ADDED_MEMORY_MS: i64 = 2 * SETTLED_MEMORY_MS;
 /// A counter definition (a budget or rate limit, whatever its window) that no replica has
 /// reported for this long is taken as removed from the policy: if it comes back, its current
 /// window is seeded from the ledger again (it missed what was spent while it was away). Every
-/// replica reports the definitions of its policy every few hundred milliseconds.
+/// replica reports the definitions of its policy every few hundred milliseconds. A limit removed
+/// and restored within this time (by reloads, or a tenant's limits set to none and back) is not
+/// reseeded: its counter misses what was spent while it was gone, until its window ends or the
+/// tenant is rebuilt.
 pub const DEFINITION_ABSENT_MS: i64 = 120_000;
 
 /// One limit a request is charged against.
