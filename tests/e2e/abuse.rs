@@ -705,12 +705,10 @@ fn cases() -> Vec<Case> {
             what: "both `Content-Length: 4` and `Transfer-Encoding: chunked` (smuggling shape)"
                 .into(),
             send: Send::Raw(
-                format!(
-                    "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {{KEY}}\r\n\
-                     Content-Length: 4\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n\
-                     GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-                )
-                .into_bytes(),
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n\
+                  Content-Length: 4\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n\
+                  GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                    .to_vec(),
             ),
             expect: Refused,
         },

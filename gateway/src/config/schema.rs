@@ -27,10 +27,8 @@ pub fn check(text: &str) -> Vec<ConfigError> {
             }];
         }
     };
-    let schema = schema();
-    let validator = jsonschema::validator_for(&schema).expect("the generated schema is valid");
     let index = PositionIndex::build(text);
-    validator
+    validator()
         .iter_errors(&value)
         .map(|e| {
             let path = dotted(&e.instance_path().to_string());
@@ -43,6 +41,14 @@ pub fn check(text: &str) -> Vec<ConfigError> {
             }
         })
         .collect()
+}
+
+/// The schema's validator, built once.
+fn validator() -> &'static jsonschema::Validator {
+    static VALIDATOR: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    VALIDATOR.get_or_init(|| {
+        jsonschema::validator_for(&schema()).expect("the generated schema is valid")
+    })
 }
 
 /// JSON pointer `/tenants/0/budgets` to the dotted path `tenants[0].budgets` used everywhere else.

@@ -444,7 +444,7 @@ fn validate_messages(messages: Option<&Value>) -> Result<(), ApiError> {
             Some(Value::String(role)) if !role.chars().any(char::is_control) => {}
             _ => {
                 return err(format!(
-                    "`messages[{i}].role` is required and must be a string without control characters."
+                    "`messages[{i}].role` must be a string without control characters."
                 ))
             }
         }
@@ -576,7 +576,12 @@ fn check_name(value: &Value, param: &'static str, what: &str) -> Result<(), ApiE
 
 /// Function and tool names, wherever a chat request gives one.
 fn check_function_names(body: &Map<String, Value>) -> Result<(), ApiError> {
-    let list = |key: &str| body.get(key).and_then(Value::as_array).into_iter().flatten();
+    let list = |key: &str| {
+        body.get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+    };
     for (i, tool) in list("tools").enumerate() {
         let names = [tool.get("name"), tool.pointer("/function/name")];
         for name in names.into_iter().flatten() {
@@ -588,7 +593,10 @@ fn check_function_names(body: &Map<String, Value>) -> Result<(), ApiError> {
             check_name(name, "functions", &format!("functions[{i}].name"))?;
         }
     }
-    if let Some(name) = body.get("tool_choice").and_then(|c| c.pointer("/function/name")) {
+    if let Some(name) = body
+        .get("tool_choice")
+        .and_then(|c| c.pointer("/function/name"))
+    {
         check_name(name, "tool_choice", "tool_choice.function.name")?;
     }
     if let Some(name) = body.get("function_call").and_then(|c| c.get("name")) {
@@ -606,7 +614,11 @@ fn check_function_names(body: &Map<String, Value>) -> Result<(), ApiError> {
             }
         }
         if let Some(name) = message.pointer("/function_call/name") {
-            check_name(name, "messages", &format!("messages[{i}].function_call.name"))?;
+            check_name(
+                name,
+                "messages",
+                &format!("messages[{i}].function_call.name"),
+            )?;
         }
     }
     Ok(())
@@ -878,19 +890,39 @@ mod hostile {
     #[test]
     fn duplicate_top_level_keys_are_refused() {
         for (body, param) in [
-            (format!(r#"{{"model":"a","model":"b",{MESSAGES}}}"#), Some("model")),
-            (format!(r#"{{"model":"a",{MESSAGES},"stream":true,"stream":false}}"#), Some("stream")),
-            (format!(r#"{{"model":"a",{MESSAGES},"n":1,"n":100}}"#), Some("n")),
-            (format!(r#"{{"model":"a",{MESSAGES},"x-y":1,"x-y":1}}"#), None),
+            (
+                format!(r#"{{"model":"a","model":"b",{MESSAGES}}}"#),
+                Some("model"),
+            ),
+            (
+                format!(r#"{{"model":"a",{MESSAGES},"stream":true,"stream":false}}"#),
+                Some("stream"),
+            ),
+            (
+                format!(r#"{{"model":"a",{MESSAGES},"n":1,"n":100}}"#),
+                Some("n"),
+            ),
+            (
+                format!(r#"{{"model":"a",{MESSAGES},"x-y":1,"x-y":1}}"#),
+                None,
+            ),
         ] {
-            assert_eq!(error(CHAT, body.as_bytes()), (400, "invalid_request", param), "{body}");
+            assert_eq!(
+                error(CHAT, body.as_bytes()),
+                (400, "invalid_request", param),
+                "{body}"
+            );
         }
         // Malformed JSON after a duplicate is still reported as malformed.
-        assert_eq!(error(CHAT, br#"{"model":"a","model":"a","messages":["#).1, "invalid_json");
+        assert_eq!(
+            error(CHAT, br#"{"model":"a","model":"a","messages":["#).1,
+            "invalid_json"
+        );
         // Nested duplicates are resolved once (the last wins) for both counting and sending.
         let body = r#"{"model":"m","messages":[{"role":"user","content":"a","content":"b"}]}"#;
         let request = ClientRequest::parse(CHAT, body.as_bytes()).unwrap();
-        let sent: Value = serde_json::from_slice(&request.upstream_body("u", None, "max_tokens")).unwrap();
+        let sent: Value =
+            serde_json::from_slice(&request.upstream_body("u", None, "max_tokens")).unwrap();
         assert_eq!(sent["messages"][0]["content"], "b");
     }
 
@@ -898,7 +930,14 @@ mod hostile {
     fn bodies_that_are_not_objects_or_too_deep_are_refused() {
         // Deep arrays as the whole body are skipped without recursion: not an object.
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-        for body in [&b"[1,2]"[..], b"null", b"\"x\"", b"1", b"true", deep.as_bytes()] {
+        for body in [
+            &b"[1,2]"[..],
+            b"null",
+            b"\"x\"",
+            b"1",
+            b"true",
+            deep.as_bytes(),
+        ] {
             assert_eq!(error(CHAT, body), (400, "invalid_request", None));
         }
         // Deep values inside the object meet serde_json's recursion limit (128).
@@ -938,10 +977,17 @@ mod hostile {
                 "{extra}"
             );
         }
-        assert_eq!(error(CHAT, with("\"max_tokens\":1e400").as_bytes()).1, "invalid_json");
-        let request = ClientRequest::parse(CHAT, with("\"max_tokens\":2147483647,\"n\":128").as_bytes())
-            .unwrap();
-        assert_eq!((request.max_output_tokens(), request.choices()), (Some(MAX_OUTPUT_TOKENS), 128));
+        assert_eq!(
+            error(CHAT, with("\"max_tokens\":1e400").as_bytes()).1,
+            "invalid_json"
+        );
+        let request =
+            ClientRequest::parse(CHAT, with("\"max_tokens\":2147483647,\"n\":128").as_bytes())
+                .unwrap();
+        assert_eq!(
+            (request.max_output_tokens(), request.choices()),
+            (Some(MAX_OUTPUT_TOKENS), 128)
+        );
         // Legacy completions may ask for no output (to score a prompt with `echo`).
         let body = r#"{"model":"m","prompt":"x","max_tokens":0,"echo":true}"#;
         assert!(ClientRequest::parse(Endpoint::Completions, body.as_bytes()).is_ok());
@@ -951,20 +997,36 @@ mod hostile {
     fn nul_anywhere_and_control_characters_in_names_are_refused() {
         let chat = |body: serde_json::Value| error(CHAT, body.to_string().as_bytes());
         let bad = |param| (400, "invalid_request", Some(param));
-        let m = |message: serde_json::Value| serde_json::json!({"model": "m", "messages": [message]});
-        assert_eq!(chat(m(serde_json::json!({"role": "user", "content": "a\0b"}))), bad("messages"));
+        let m =
+            |message: serde_json::Value| serde_json::json!({"model": "m", "messages": [message]});
         assert_eq!(
-            chat(m(serde_json::json!({"role": "user", "content": [{"type": "text", "text": "\0"}]}))),
-            bad("messages")
-        );
-        assert_eq!(chat(m(serde_json::json!({"role": "us\0er", "content": "x"}))), bad("messages"));
-        assert_eq!(chat(m(serde_json::json!({"role": "user\n", "content": "x"}))), bad("messages"));
-        assert_eq!(
-            chat(m(serde_json::json!({"role": "user", "name": "a\u{7}", "content": "x"}))),
+            chat(m(serde_json::json!({"role": "user", "content": "a\0b"}))),
             bad("messages")
         );
         assert_eq!(
-            chat(m(serde_json::json!({"role": "user", "content": "x", "k\0": 1}))),
+            chat(m(
+                serde_json::json!({"role": "user", "content": [{"type": "text", "text": "\0"}]})
+            )),
+            bad("messages")
+        );
+        assert_eq!(
+            chat(m(serde_json::json!({"role": "us\0er", "content": "x"}))),
+            bad("messages")
+        );
+        assert_eq!(
+            chat(m(serde_json::json!({"role": "user\n", "content": "x"}))),
+            bad("messages")
+        );
+        assert_eq!(
+            chat(m(
+                serde_json::json!({"role": "user", "name": "a\u{7}", "content": "x"})
+            )),
+            bad("messages")
+        );
+        assert_eq!(
+            chat(m(
+                serde_json::json!({"role": "user", "content": "x", "k\0": 1})
+            )),
             bad("messages")
         );
         let with = |key: &str, value: serde_json::Value| {
@@ -977,17 +1039,29 @@ mod hostile {
         assert_eq!(with("user", 5.into()), bad("user"));
         assert_eq!(with("stop", serde_json::json!(["\0"])), bad("stop"));
         assert_eq!(
-            with("tools", serde_json::json!([{"type": "function", "function": {"name": "f\n"}}])),
+            with(
+                "tools",
+                serde_json::json!([{"type": "function", "function": {"name": "f\n"}}])
+            ),
             bad("tools")
         );
         assert_eq!(
-            with("tool_choice", serde_json::json!({"type": "function", "function": {"name": "f\r"}})),
+            with(
+                "tool_choice",
+                serde_json::json!({"type": "function", "function": {"name": "f\r"}})
+            ),
             bad("tool_choice")
         );
         let body = serde_json::json!({"model": "m", "input": ["a", "b\0"]});
-        assert_eq!(error(Endpoint::Embeddings, body.to_string().as_bytes()), bad("input"));
+        assert_eq!(
+            error(Endpoint::Embeddings, body.to_string().as_bytes()),
+            bad("input")
+        );
         let body = serde_json::json!({"model": "m", "prompt": "\0"});
-        assert_eq!(error(Endpoint::Completions, body.to_string().as_bytes()), bad("prompt"));
+        assert_eq!(
+            error(Endpoint::Completions, body.to_string().as_bytes()),
+            bad("prompt")
+        );
         // Text is text: tabs, newlines and other control characters pass in content.
         let body = m(serde_json::json!({"role": "user", "content": "a\tb\r\nc\u{7}\u{1b}[0m"}));
         assert!(ClientRequest::parse(CHAT, body.to_string().as_bytes()).is_ok());

@@ -169,7 +169,10 @@ fn try_save(row: &FaultRow) -> std::io::Result<()> {
     let old = std::fs::read_to_string(&out).unwrap_or_default();
     let abuse = old.find(ABUSE_MARKER).map_or("", |at| &old[at..]);
     let tmp = out.with_extension("md.tmp");
-    std::fs::write(&tmp, format!("{}\n{abuse}", render(&rows)).trim_end().to_string() + "\n")?;
+    std::fs::write(
+        &tmp,
+        format!("{}\n{abuse}", render(&rows)).trim_end().to_string() + "\n",
+    )?;
     std::fs::rename(&tmp, &out)
 }
 
@@ -189,7 +192,11 @@ pub fn save_abuse_section(section: &str) {
         let tmp = out.with_extension("md.tmp");
         std::fs::write(
             &tmp,
-            format!("{}\n\n{ABUSE_MARKER}\n{}\n", faults.trim_end(), section.trim_end()),
+            format!(
+                "{}\n\n{ABUSE_MARKER}\n{}\n",
+                faults.trim_end(),
+                section.trim_end()
+            ),
         )?;
         std::fs::rename(&tmp, &out)
     };
