@@ -102,4 +102,18 @@ mod tests {
             .iter()
             .any(|e| e.message.contains("bogus")));
     }
+
+    /// The policy fuzz target's first crash (`tests/fuzz/corpus/policy/cr-line-breaks`): YAML
+    /// breaks lines at a lone CR too, so an error can be on line 3 of a text without LF.
+    #[test]
+    fn a_lone_cr_is_a_line_break() {
+        let text = "m:$:\rm$\rz";
+        for errors in [
+            check(text),
+            super::super::Policy::from_yaml(text).unwrap_err(),
+        ] {
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!((errors[0].line, errors[0].col), (Some(3), Some(1)));
+        }
+    }
 }
