@@ -25,7 +25,10 @@ fn user(content: Value) -> Value {
 async fn status_and_code(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
     let body: Value = response.json().await.unwrap_or(Value::Null);
-    let code = body["error"]["code"].as_str().unwrap_or_default().to_string();
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     (status, code)
 }
 
@@ -44,9 +47,7 @@ async fn images_files_and_output_multipliers_are_reserved() {
 
     // An image of unknown size at high detail may cost 85 + 8 x 170 = 1,445 tokens: more than
     // the whole budget, so it is refused before it is sent.
-    let image = |detail: &str| {
-        json!({"type": "image_url", "image_url": {"url": "https://images.example/cat.png", "detail": detail}})
-    };
+    let image = |detail: &str| json!({"type": "image_url", "image_url": {"url": "https://images.example/cat.png", "detail": detail}});
     let r = gw
         .chat(
             &key,
@@ -69,7 +70,10 @@ async fn images_files_and_output_multipliers_are_reserved() {
     let r = gw
         .chat(&key, &json!({"model": "m", "messages": user(file.clone())}))
         .await;
-    assert_eq!(status_and_code(r).await, (400, "unsupported_content".into()));
+    assert_eq!(
+        status_and_code(r).await,
+        (400, "unsupported_content".into())
+    );
     let r = gw
         .chat(
             &sized,
@@ -146,7 +150,10 @@ async fn features_that_change_the_price_are_priced_or_refused() {
         (json!({"surprise": true}), "m"),
         (json!({"service_tier": "priority"}), "m"),
         (json!({"service_tier": "flex"}), "rich"),
-        (json!({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}), "rich"),
+        (
+            json!({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}),
+            "rich",
+        ),
         (json!({"web_search_options": {}}), "m"),
         (json!({"tools": [{"type": "web_search_preview"}]}), "m"),
     ] {
@@ -157,12 +164,19 @@ async fn features_that_change_the_price_are_priced_or_refused() {
             "{extra} on {model}"
         );
     }
-    let audio_in = json!([{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]);
+    let audio_in =
+        json!([{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]);
     let r = gw
         .chat(&key, &json!({"model": "m", "messages": user(audio_in)}))
         .await;
-    assert_eq!(status_and_code(r).await, (400, "unsupported_parameter".into()));
-    assert!(mock.received().is_empty(), "nothing refused reached the provider");
+    assert_eq!(
+        status_and_code(r).await,
+        (400, "unsupported_parameter".into())
+    );
+    assert!(
+        mock.received().is_empty(),
+        "nothing refused reached the provider"
+    );
 
     // Served and priced: an allowed passthrough field, the default tier, a priced tier, a
     // priced web search.
@@ -172,14 +186,20 @@ async fn features_that_change_the_price_are_priced_or_refused() {
         json!({"service_tier": "priority"}),
         json!({"web_search_options": {}}),
     ] {
-        let model = if extra.get("top_k").is_some() { "m" } else { "rich" };
+        let model = if extra.get("top_k").is_some() {
+            "m"
+        } else {
+            "rich"
+        };
         let r = gw.chat(&key, &ask(extra.clone(), model)).await;
         assert_eq!(r.status(), 200, "{extra}");
     }
     assert_eq!(mock.received()[0].json()["top_k"], 5);
     // Refused requests have rows too (status 400, billed nothing): 7 of them, then the 4 served.
     let rows = gw.ledger("t", 11).await;
-    assert!(rows[..7].iter().all(|r| r.status == 400 && r.cost_micros == 0));
+    assert!(rows[..7]
+        .iter()
+        .all(|r| r.status == 400 && r.cost_micros == 0));
     let rows = &rows[7..];
     let by_cost: Vec<i64> = rows.iter().map(|r| r.cost_micros).collect();
     let tokens = |r: &tollgate_billing::ledger::LedgerRow| r.prompt_tokens + r.completion_tokens;
@@ -201,7 +221,8 @@ async fn features_that_change_the_price_are_priced_or_refused() {
 async fn reasoning_models_get_max_completion_tokens_and_capped_streams() {
     let mock = MockUpstream::start("reasoner").await;
     let model_extra = "  - name: o\n    reasoning: true\n    price: { input: 1.0, output: 1.0 }\n    targets: [{ backend: mock, model: o-up }]\n";
-    let tenants = "  - { name: t, default_output_tokens: 64, budgets: [{ limit_usd: 10, period: daily }] }\n";
+    let tenants =
+        "  - { name: t, default_output_tokens: 64, budgets: [{ limit_usd: 10, period: daily }] }\n";
     let gw = Gateway::start(&policy(&mock, "", model_extra, tenants), None).await;
     let key = gw.create_key("t").await;
     // A stream: its hidden reasoning cannot be watched, so the cap goes upstream, under the
@@ -324,7 +345,10 @@ async fn a_models_allow_list_covers_routes() {
     for (tenant, allowed) in [("by-route", true), ("both", true), ("cheap-only", false)] {
         let key = gw.create_key(tenant).await;
         let r = gw
-            .chat(&key, &json!({"model": "auto", "messages": user(json!("hi"))}))
+            .chat(
+                &key,
+                &json!({"model": "auto", "messages": user(json!("hi"))}),
+            )
             .await;
         let expected = if allowed { 200 } else { 404 };
         assert_eq!(r.status(), expected, "{tenant}");
@@ -348,7 +372,10 @@ async fn a_models_allow_list_covers_routes() {
     // A route's name is not a back door to models the tenant may not use directly.
     let key = gw.create_key("by-route").await;
     let r = gw
-        .chat(&key, &json!({"model": "big", "messages": user(json!("hi"))}))
+        .chat(
+            &key,
+            &json!({"model": "big", "messages": user(json!("hi"))}),
+        )
         .await;
     assert_eq!(r.status(), 404);
     drop(gw);

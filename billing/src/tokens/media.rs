@@ -120,9 +120,8 @@ pub fn scan(messages: &[Value], cost: &ImageCost) -> Media {
                     let detail = image.and_then(|i| i.get("detail")).and_then(Value::as_str);
                     let size = url.and_then(data_url_image_size);
                     media.images += 1;
-                    media.image_tokens = media
-                        .image_tokens
-                        .saturating_add(cost.tokens(size, detail));
+                    media.image_tokens =
+                        media.image_tokens.saturating_add(cost.tokens(size, detail));
                 }
                 Some("input_audio") => media.audio_parts += 1,
                 Some("file") => media.file_parts += 1,
@@ -178,7 +177,13 @@ mod tests {
         // Unknown size: the largest the formula gives (8 tiles), never less than any real image.
         let worst = gpt4o().tokens(None, None);
         assert_eq!(worst, 85 + 8 * 170);
-        for (w, h) in [(2048, 768), (768, 2048), (2048, 767), (10_000, 3000), (1, 60_000)] {
+        for (w, h) in [
+            (2048, 768),
+            (768, 2048),
+            (2048, 767),
+            (10_000, 3000),
+            (1, 60_000),
+        ] {
             assert!(gpt4o().tokens(Some((w, h)), None) <= worst, "{w}x{h}");
         }
     }

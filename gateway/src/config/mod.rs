@@ -1086,7 +1086,9 @@ fn convert_images(
         return ImageCost::default();
     };
     match (s.base_tokens, s.tile_tokens, s.patch_multiplier) {
-        (Some(base), Some(tile), None) if s.max_patches.is_none() => ImageCost::Tiles { base, tile },
+        (Some(base), Some(tile), None) if s.max_patches.is_none() => {
+            ImageCost::Tiles { base, tile }
+        }
         (None, None, Some(multiplier)) if multiplier.is_finite() && multiplier > 0.0 => {
             ImageCost::Patches {
                 max_patches: s.max_patches.unwrap_or(1536).max(1),

@@ -394,7 +394,14 @@ impl Gateway {
         if !model.priced && !tenant.allow_unpriced {
             return Err(ApiError::unpriced_model(&model.name));
         }
-        let worst = worst_case(&request, &model, tenant, &media, meter.counted_prompt, output_cap)?;
+        let worst = worst_case(
+            &request,
+            &model,
+            tenant,
+            &media,
+            meter.counted_prompt,
+            output_cap,
+        )?;
         meter.price = worst.price;
         meter.web_searches = worst.usage.web_searches;
         let granted = self
@@ -769,12 +776,7 @@ impl Gateway {
     /// Makes sure the reservation covers `needed` output tokens, extending it if it must.
     /// `Exhausted` when the budget has no room and the tenant's policy is to cut;
     /// `Unavailable` when the counters are unreachable and the tenant fails closed.
-    async fn cover_output(
-        &self,
-        flight: &mut Flight<'_>,
-        meter: &Meter,
-        needed: u64,
-    ) -> Extension {
+    async fn cover_output(&self, flight: &mut Flight<'_>, meter: &Meter, needed: u64) -> Extension {
         let admission = &mut *flight.admission;
         if needed <= admission.reserved_output {
             return Extension::Granted;

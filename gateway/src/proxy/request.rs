@@ -148,10 +148,10 @@ impl ClientRequest {
         }
         let int = |name: &str| body.get(name).and_then(Value::as_u64);
         if int("n").is_some_and(|n| !(1..=MAX_CHOICES).contains(&n)) {
-            return Err(ApiError::bad_request(format!(
-                "`n` must be between 1 and {MAX_CHOICES}."
-            ))
-            .with_param("n"));
+            return Err(
+                ApiError::bad_request(format!("`n` must be between 1 and {MAX_CHOICES}."))
+                    .with_param("n"),
+            );
         }
         if let Some(best_of) = int("best_of") {
             if endpoint != Endpoint::Completions {
@@ -820,12 +820,9 @@ mod tests {
             r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
         )
         .unwrap();
-        let body: Value = serde_json::from_slice(&request.upstream_body(
-            "o",
-            Some(300),
-            "max_completion_tokens",
-        ))
-        .unwrap();
+        let body: Value =
+            serde_json::from_slice(&request.upstream_body("o", Some(300), "max_completion_tokens"))
+                .unwrap();
         assert_eq!(body["max_completion_tokens"], 300);
         assert!(body.get("max_tokens").is_none());
         // A client's max_tokens is renamed for such a model, and kept for others.
@@ -834,12 +831,9 @@ mod tests {
             r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":50}"#,
         )
         .unwrap();
-        let body: Value = serde_json::from_slice(&request.upstream_body(
-            "o",
-            Some(50),
-            "max_completion_tokens",
-        ))
-        .unwrap();
+        let body: Value =
+            serde_json::from_slice(&request.upstream_body("o", Some(50), "max_completion_tokens"))
+                .unwrap();
         assert_eq!(body["max_completion_tokens"], 50);
         assert!(body.get("max_tokens").is_none());
         let body: Value =
