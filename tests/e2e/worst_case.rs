@@ -333,6 +333,40 @@ async fn a_success_that_cannot_be_read_is_billed_once_and_not_retried() {
 }
 
 #[tokio::test]
+async fn an_upstream_event_that_never_ends_is_cut_not_buffered() {
+    let faulty = FaultUpstream::start().await;
+    let yaml = format!(
+        "backends:\n  - {{ name: faulty, base_url: \"{}\", read_timeout_ms: 20000 }}\nmodels:\n  - name: endless\n    price: {{ input: 1.0, output: 1.0 }}\n    targets: [{{ backend: faulty, model: endless-event }}]\ntenants:\n  - {{ name: t }}\n",
+        faulty.base_url()
+    );
+    let gw = Gateway::start(&yaml, None).await;
+    let key = gw.create_key("t").await;
+    let r = gw
+        .chat(
+            &key,
+            &json!({"model": "endless", "stream": true, "messages": user(json!("hi"))}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let body = tokio::time::timeout(std::time::Duration::from_secs(20), r.text())
+        .await
+        .expect("the gateway ends the stream itself")
+        .unwrap();
+    assert!(
+        body.contains("fault-word0"),
+        "{}",
+        &body[..body.len().min(300)]
+    );
+    assert!(body.contains("upstream_event_too_large"));
+    assert!(body.len() < 1 << 16, "the endless event was not relayed");
+    let row = gw.ledger("t", 1).await.remove(0);
+    assert_eq!(row.outcome, "upstream_closed");
+    assert_eq!(row.usage_source, "gateway");
+    assert!(row.completion_tokens > 0);
+    drop(gw);
+}
+
+#[tokio::test]
 async fn a_models_allow_list_covers_routes() {
     let mock = MockUpstream::start("routed").await;
     let model_extra = "  - name: big\n    price: { input: 5.0, output: 5.0 }\n    targets: [{ backend: mock, model: big-up }]\n";

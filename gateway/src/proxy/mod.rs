@@ -741,6 +741,20 @@ impl Gateway {
                 }
             };
             match next {
+                Ok(Some(_)) if relay.overflowed() => {
+                    // An event that never ends would grow without bound: the stream ends here,
+                    // billed for what was delivered (the provider stopped making sense).
+                    tracing::warn!(request_id = %meter.request_id, "upstream sent an event longer than {} bytes; stream cut", sse::MAX_EVENT_BYTES);
+                    meter.outcome = "upstream_closed";
+                    let event = format!(
+                        "data: {}\n\n",
+                        json!({"error": {"message": "The upstream sent an event too large to relay; the response was cut here.", "type": "upstream_error", "param": null, "code": "upstream_event_too_large"}})
+                    );
+                    let _ = session
+                        .write_response_body(Some(Bytes::from(event)), true)
+                        .await;
+                    break;
+                }
                 Ok(Some(next)) => chunk = next,
                 Ok(None) => {
                     let tail = relay.finish();

@@ -7,6 +7,9 @@ use serde_json::Value;
 
 use super::usage::{append_generated_text, is_usage_only_chunk, provider_usage, ProviderUsage};
 
+/// Longest event relayed: an upstream whose event grows past it is cut rather than buffered.
+pub const MAX_EVENT_BYTES: usize = 16 << 20;
+
 pub struct SseRelay {
     pending: BytesMut,
     /// Where the search for the end of the pending event resumes: bytes before it were searched
@@ -50,6 +53,11 @@ impl SseRelay {
             }
         }
         out.freeze()
+    }
+
+    /// The event being received is longer than [`MAX_EVENT_BYTES`].
+    pub fn overflowed(&self) -> bool {
+        self.pending.len() > MAX_EVENT_BYTES
     }
 
     /// Whatever is left when the upstream ends (an unterminated last event).
@@ -172,6 +180,25 @@ mod tests {
             Some(2),
             "usage is still metered"
         );
+    }
+
+    #[test]
+    fn an_event_that_never_ends_overflows() {
+        let mut relay = SseRelay::new(false);
+        assert!(relay.push(b"data: {\"choices\":").is_empty());
+        let block = vec![b'a'; 1 << 20];
+        for _ in 0..(MAX_EVENT_BYTES >> 20) {
+            assert!(!relay.overflowed());
+            assert!(relay.push(&block).is_empty());
+        }
+        assert!(relay.overflowed());
+        // Ended events never count against the bound.
+        let mut relay = SseRelay::new(false);
+        let event = format!("data: {}\n\n", "x".repeat(1 << 20));
+        for _ in 0..20 {
+            assert_eq!(relay.push(event.as_bytes()).len(), event.len());
+        }
+        assert!(!relay.overflowed());
     }
 
     #[test]

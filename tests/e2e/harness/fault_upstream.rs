@@ -185,6 +185,32 @@ async fn serve(mut socket: TcpStream, state: Arc<FaultUpstream>) {
             }
             let _ = writer.write_all(b"0\r\n\r\n").await;
         }
+        "endless-event" => {
+            // One content event, then an event that never ends (17 MiB and counting).
+            if socket.write_all(STREAM_HEAD.as_bytes()).await.is_err() {
+                return;
+            }
+            let (_reader, mut writer) = socket.into_split();
+            if write_chunk(&mut writer, &chunk_event(&model, &FaultUpstream::word(0)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = write_chunk(
+                &mut writer,
+                "data: {\"choices\": [{\"delta\": {\"content\": \"",
+            )
+            .await;
+            let block = "a".repeat(1 << 20);
+            for _ in 0..17 {
+                if write_chunk(&mut writer, &block).await.is_err() {
+                    return;
+                }
+            }
+            // Hold the connection: only the gateway's bound ends this stream.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
         "short-body" => {
             // Promises more body than it sends, then closes: the read fails.
             let body = "{\"id\": \"chatcmpl-fault\", \"object\": \"chat.completion\"";
