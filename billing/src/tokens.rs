@@ -84,7 +84,8 @@ impl Tokenizer {
         self.count(text("name")) + self.count(text("arguments")) + FUNCTION_CALL_OVERHEAD
     }
 
-    fn count_content(self, content: Option<&Value>) -> usize {
+    /// Tokens of a message's `content`: a string, or the text of its parts.
+    pub fn count_content(self, content: Option<&Value>) -> usize {
         match content {
             Some(Value::String(text)) => self.count(text),
             Some(Value::Array(parts)) => parts

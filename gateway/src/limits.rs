@@ -110,12 +110,13 @@ impl Admission {
     /// What the request used, as counters count it (and what counters added by a reload while
     /// it ran need to know of it).
     fn facts(&self, usage: Usage) -> Facts {
+        let (tokens, cost) = measured(usage, self.price);
         Facts {
             created_ms: self.admitted_ms,
             key: self.key_id.clone(),
             model: self.model.clone(),
-            tokens: amount(usage.prompt.saturating_add(usage.completion)),
-            cost: amount(self.price.cost_micros(usage)),
+            tokens,
+            cost,
         }
     }
 
@@ -389,6 +390,11 @@ fn seed_specs(tenant: &Tenant, now_ms: i64) -> Vec<SeedSpec> {
     specs
 }
 
+/// (tokens, micro-dollars) of `usage` as counter amounts.
+fn measured(usage: Usage, price: Price) -> (i64, i64) {
+    (amount(usage.tokens()), amount(price.cost_micros(usage)))
+}
+
 /// The charges a request makes, at `now_ms`: one per applicable budget and rate limit.
 fn plan(
     tenant: &Tenant,
@@ -398,8 +404,7 @@ fn plan(
     usage: Usage,
     price: Price,
 ) -> Vec<Planned> {
-    let tokens = amount(usage.prompt.saturating_add(usage.completion));
-    let cost = amount(price.cost_micros(usage));
+    let (tokens, cost) = measured(usage, price);
     let tag = &tenant.name;
     let mut planned = Vec::new();
     for budget in &tenant.budgets {
@@ -594,14 +599,14 @@ impl Limits {
     /// other replicas' rows, and this replica's journal for its own. `tenant`: the one waiting,
     /// for the log (`None`: several).
     async fn await_ledger(&self, tenant: Option<&str>, cut: i64, lag: Duration) {
-        let wait = cut + lag.as_millis() as i64 - now_ms();
+        let after = cut + lag.as_millis() as i64;
+        let wait = after - now_ms();
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
         }
         if let Some(ledger) = self.ledger.get() {
             // Rows journaled after `cut + lag` belong to requests that ended after the cut
             // (their settles count them); older ones must be in the database before the sum.
-            let after = cut + lag.as_millis() as i64;
             let written = crate::shutdown::wait_until(REBUILD_JOURNAL_WAIT, || {
                 ledger
                     .stats()
@@ -885,7 +890,7 @@ impl Limits {
         let cost = amount(admission.price.cost_micros(extra));
         let minute = window(Period::Minute, admission.time_zone, now);
         // (index in `planned`, charge): requests were counted at the start.
-        let charges: Vec<(usize, Charge)> = admission
+        let (indices, charges): (Vec<usize>, Vec<Charge>) = admission
             .planned
             .iter()
             .enumerate()
@@ -903,9 +908,9 @@ impl Limits {
                 }
                 Some((index, charge))
             })
-            .collect();
+            .unzip();
         let grant = |admission: &mut Admission, rooms: Vec<i64>| {
-            for ((index, charge), room) in charges.iter().zip(rooms) {
+            for ((index, charge), room) in indices.iter().zip(&charges).zip(rooms) {
                 admission.rooms[*index] = room;
                 admission.hold(*index, charge);
             }
@@ -915,12 +920,11 @@ impl Limits {
         if charges.is_empty() {
             return grant(admission, Vec::new());
         }
-        let only: Vec<Charge> = charges.iter().map(|(_, c)| c.clone()).collect();
         let tag = admission.tag.clone();
         let hold_until = now + self.hold.as_millis() as i64;
         let reserved = match self
             .store(admission.local)
-            .reserve(&tag, request_id, &only, now, hold_until)
+            .reserve(&tag, request_id, &charges, now, hold_until)
             .await
         {
             Ok(reserved) => reserved,
@@ -930,7 +934,7 @@ impl Limits {
                 tracing::warn!(tenant = %tag, "{unavailable}; extending on this replica's counters (fail_open)");
                 match self
                     .local
-                    .reserve(&tag, request_id, &only, now, hold_until)
+                    .reserve(&tag, request_id, &charges, now, hold_until)
                     .await
                 {
                     Ok(reserved) => reserved,

@@ -91,9 +91,7 @@ async fn main() -> Result<()> {
                 default_top_p: top_p,
                 ..RuntimeOptions::new(model)
             };
-            let token = std::env::var(&token_env)
-                .ok()
-                .and_then(|v| tollgate_runtime::Token::new(&v));
+            let token = tollgate_runtime::Token::from_env(&token_env);
             tollgate_runtime::serve(&opts, listen, token).await
         }
     }

@@ -57,6 +57,11 @@ impl Token {
         (!value.is_empty()).then(|| Token(Arc::from(value)))
     }
 
+    /// The token in environment variable `var`; `None` when it is unset or blank.
+    pub fn from_env(var: &str) -> Option<Token> {
+        std::env::var(var).ok().and_then(|v| Token::new(&v))
+    }
+
     /// 32 random bytes from the OS, as 64 hex digits.
     pub fn random() -> Token {
         use rand::RngCore;

@@ -100,28 +100,29 @@ impl State {
     /// (`charges` does not name them) when it ended after their cut-off and falls in their
     /// scope. Forgets counters swept with their window or past [`ADDED_MEMORY_MS`].
     fn count_added(&mut self, tag: &str, charges: &[Charge], ended_ms: i64, facts: &Facts) {
-        let Some(added) = self.added.remove(tag) else {
+        let State {
+            added, counters, ..
+        } = self;
+        let Some(added) = added.get_mut(tag) else {
             return;
         };
-        let mut kept = Vec::with_capacity(added.len());
-        for name in added {
-            let Some(counter) = self.counters.get_mut(&name) else {
-                continue; // swept with its window
+        added.retain(|name| {
+            let Some(counter) = counters.get_mut(name) else {
+                return false; // swept with its window
             };
             let Some((cut, scope)) = &counter.added else {
-                continue; // seeded again by a tenant rebuild
+                return false; // seeded again by a tenant rebuild
             };
             if ended_ms > cut.saturating_add(ADDED_MEMORY_MS) {
-                continue;
+                return false;
             }
-            if !charges.iter().any(|c| c.counter == name) {
+            if !charges.iter().any(|c| c.counter == *name) {
                 if let Some(amount) = scope.amount(facts).filter(|_| ended_ms >= *cut) {
                     counter.used = counter.used.saturating_add(super::clamp(amount));
                 }
             }
-            kept.push(name);
-        }
-        self.added.insert(tag.to_string(), kept);
+            true
+        });
     }
 }
 

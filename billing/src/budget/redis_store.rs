@@ -94,10 +94,10 @@ for i = 1, n do
   end
   local add = ARGV[base + i]
   -- Ended before an added counter's own cut-off: its ledger sum has it.
-  local cut = redis.call('HGET', c, 'cut')
-  if cut and ended < tonumber(cut) then add = 0 end
+  local f = redis.call('HMGET', c, 'cut', 'seed')
+  if f[1] and ended < tonumber(f[1]) then add = 0 end
   local used = redis.call('HINCRBY', c, 'used', add)
-  totals[i] = used + tonumber(redis.call('HGET', c, 'seed') or '0')
+  totals[i] = used + tonumber(f[2] or '0')
   local expire_at = tonumber(ARGV[base + n + i])
   if expire_at > 0 then redis.call('PEXPIREAT', c, expire_at) end
 end
@@ -268,9 +268,7 @@ impl RedisCounters {
         *slot = Some(connection.clone());
         Ok(connection)
     }
-}
 
-impl RedisCounters {
     /// Whether Redis answers now.
     pub async fn ping(&self) -> Result<(), Unavailable> {
         let mut connection = self.connection().await?;

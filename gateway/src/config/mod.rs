@@ -711,16 +711,11 @@ fn validate(file: PolicyFile, errors: &mut Errors) -> Option<Policy> {
             .map(|p| convert_price(p, &format!("{at}.price"), errors));
         let mut tier_prices = Vec::new();
         for (tier, p) in &m.service_tiers {
+            let path = format!("{at}.service_tiers.{tier}");
             if matches!(tier.as_str(), "auto" | "default") {
-                errors.add(
-                    format!("{at}.service_tiers.{tier}"),
-                    "the default tier's price is `price`",
-                );
+                errors.add(path.clone(), "the default tier's price is `price`");
             }
-            tier_prices.push((
-                tier.clone(),
-                convert_price(p, &format!("{at}.service_tiers.{tier}"), errors),
-            ));
+            tier_prices.push((tier.clone(), convert_price(p, &path, errors)));
         }
         let images = convert_images(m.images.as_ref(), &format!("{at}.images"), errors);
         let completion_field = match (m.max_tokens_field, m.reasoning) {
@@ -1223,7 +1218,7 @@ fn local_backend(
     // Off loopback, anyone who can reach the port could use the runtime unmetered: only with
     // a token the operator chose (a generated one would lock out whatever it is opened for).
     if let Some(listen) = b.listen {
-        if !listen.ip().is_loopback() && b.token_env.is_none() {
+        if b.token_env.is_none() && tollgate_runtime::check_listen(listen, None).is_err() {
             errors.add(
                 format!("{at}.listen"),
                 format!(
@@ -1234,9 +1229,7 @@ fn local_backend(
         }
     }
     let token = b.token_env.as_ref().and_then(|var| {
-        let token = std::env::var(var)
-            .ok()
-            .and_then(|v| tollgate_runtime::Token::new(&v));
+        let token = tollgate_runtime::Token::from_env(var);
         if token.is_none() {
             warnings.push(format!(
                 "backend `{}`: environment variable {var} is not set (its runtime gets a \

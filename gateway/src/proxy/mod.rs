@@ -434,9 +434,11 @@ impl Gateway {
             headers.push(("x-tollgate-score", format!("{:.4}", decision.score)));
         }
         let admission = admission.insert(granted);
+        // What a provider that did the work but whose answer is lost may bill for output.
+        let unread_output = output_cap.saturating_mul(request.choices());
 
         let chosen = tokio::select! {
-            chosen = self.choose(&request, &model, meter, inject_cap, output_cap) => Some(chosen?),
+            chosen = self.choose(&request, &model, meter, inject_cap, unread_output) => Some(chosen?),
             () = client_gone(session) => None,
             () = self.state.drain.cut_now() => {
                 // Nothing reached the client: it is told to retry and billed nothing.
@@ -476,7 +478,7 @@ impl Gateway {
         model: &Model,
         meter: &mut Meter,
         inject_cap: Option<u64>,
-        output_cap: u64,
+        unread_output: u64,
     ) -> Result<Chosen<'a>, ApiError> {
         let mut last_error = None;
         for (i, target) in model.targets.iter().enumerate() {
@@ -526,7 +528,7 @@ impl Gateway {
                         // elsewhere (that pays twice); billed like an unreadable success.
                         tracing::warn!(request_id = %meter.request_id, backend = exchange.backend_name(), "stream broke before its first bytes: {error:?}");
                         exchange.finish().await;
-                        meter.unread_output = Some(output_cap.saturating_mul(request.choices()));
+                        meter.unread_output = Some(unread_output);
                         last_error = Some(error);
                         break;
                     }
@@ -555,11 +557,7 @@ impl Gateway {
                     exchange.backend_name()
                 );
                 exchange.finish().await;
-                meter.unread_output = Some(
-                    inject_cap
-                        .unwrap_or(output_cap)
-                        .saturating_mul(request.choices()),
-                );
+                meter.unread_output = Some(unread_output);
                 last_error = Some(AttemptError::new(
                     upstream::Failure::Malformed,
                     &target.backend,
@@ -700,10 +698,7 @@ impl Gateway {
                         ("budget_cut", budget_cut_event())
                     };
                     meter.outcome = outcome;
-                    let event = format!("data: {error}\n\ndata: [DONE]\n\n");
-                    let _ = session
-                        .write_response_body(Some(Bytes::from(event)), true)
-                        .await;
+                    end_with_error(session, error, true).await;
                     break;
                 }
                 delivered_tokens = delivered_tokens.saturating_add(tokens);
@@ -733,10 +728,7 @@ impl Gateway {
                 next = exchange.read() => next,
                 () = cut.wait() => {
                     meter.outcome = "shutdown";
-                    let event = format!("data: {}\n\ndata: [DONE]\n\n", shutdown_cut_event());
-                    let _ = session
-                        .write_response_body(Some(Bytes::from(event)), true)
-                        .await;
+                    end_with_error(session, shutdown_cut_event(), true).await;
                     break;
                 }
             };
@@ -746,13 +738,12 @@ impl Gateway {
                     // billed for what was delivered (the provider stopped making sense).
                     tracing::warn!(request_id = %meter.request_id, "upstream sent an event longer than {} bytes; stream cut", sse::MAX_EVENT_BYTES);
                     meter.outcome = "upstream_closed";
-                    let event = format!(
-                        "data: {}\n\n",
-                        json!({"error": {"message": "The upstream sent an event too large to relay; the response was cut here.", "type": "upstream_error", "param": null, "code": "upstream_event_too_large"}})
+                    let error = stream_error(
+                        "upstream_error",
+                        "upstream_event_too_large",
+                        "The upstream sent an event too large to relay; the response was cut here.",
                     );
-                    let _ = session
-                        .write_response_body(Some(Bytes::from(event)), true)
-                        .await;
+                    end_with_error(session, error, false).await;
                     break;
                 }
                 Ok(Some(next)) => chunk = next,
@@ -768,13 +759,12 @@ impl Gateway {
                 Err(error) => {
                     tracing::warn!(request_id = %meter.request_id, "upstream stream broke: {error:?}");
                     meter.outcome = "upstream_closed";
-                    let event = format!(
-                        "data: {}\n\n",
-                        json!({"error": {"message": "The upstream connection was lost mid-stream.", "type": "upstream_error", "param": null, "code": "upstream_closed"}})
+                    let error = stream_error(
+                        "upstream_error",
+                        "upstream_closed",
+                        "The upstream connection was lost mid-stream.",
                     );
-                    let _ = session
-                        .write_response_body(Some(Bytes::from(event)), true)
-                        .await;
+                    end_with_error(session, error, false).await;
                     break;
                 }
             }
@@ -917,22 +907,42 @@ struct Flight<'a> {
     wants_usage: bool,
 }
 
+/// An OpenAI-shaped error for the data of an SSE event that ends a stream.
+fn stream_error(kind: &str, code: &str, message: &str) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+}
+
+/// Ends a stream with an error event (and `[DONE]` when `done`).
+async fn end_with_error(session: &mut Session, error: Value, done: bool) {
+    let done = if done { "data: [DONE]\n\n" } else { "" };
+    let event = format!("data: {error}\n\n{done}");
+    let _ = session
+        .write_response_body(Some(Bytes::from(event)), true)
+        .await;
+}
+
 fn shutdown_cut_event() -> Value {
-    json!({"error": {
-        "message": "The gateway is shutting down; the response was cut here and billed up to this point.",
-        "type": "server_error", "param": null, "code": "shutting_down"}})
+    stream_error(
+        "server_error",
+        "shutting_down",
+        "The gateway is shutting down; the response was cut here and billed up to this point.",
+    )
 }
 
 fn limits_cut_event() -> Value {
-    json!({"error": {
-        "message": "Budget counters cannot cover more output now (unreachable, or being seeded from the ledger); the response was cut here and billed up to this point.",
-        "type": "service_unavailable", "param": null, "code": "limits_unavailable"}})
+    stream_error(
+        "service_unavailable",
+        "limits_unavailable",
+        "Budget counters cannot cover more output now (unreachable, or being seeded from the ledger); the response was cut here and billed up to this point.",
+    )
 }
 
 fn budget_cut_event() -> Value {
-    json!({"error": {
-        "message": "The budget has no room for more output; the response was cut here and billed up to this point.",
-        "type": "budget_exceeded", "param": null, "code": "budget_exceeded"}})
+    stream_error(
+        "budget_exceeded",
+        "budget_exceeded",
+        "The budget has no room for more output; the response was cut here and billed up to this point.",
+    )
 }
 
 /// Reads the request body, refusing it past `limit`. An oversized body is still read (up to a

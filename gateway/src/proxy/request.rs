@@ -257,16 +257,7 @@ impl ClientRequest {
         let Some(content) = self.body.get("prediction").and_then(|p| p.get("content")) else {
             return 0;
         };
-        let text = match content {
-            Value::String(text) => tokenizer.count(text),
-            Value::Array(parts) => parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .map(|t| tokenizer.count(t))
-                .sum(),
-            _ => 0,
-        };
-        text as u64
+        tokenizer.count_content(Some(content)) as u64
     }
 
     /// The `service_tier` asked for, unless it is the default one.
